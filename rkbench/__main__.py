@@ -1,0 +1,151 @@
+"""Entry point.
+
+    python -m rkbench [overrides]             one configuration (the embedded demo by default)
+    python -m rkbench -m resolution=320,640   a sweep: one MLflow parent run, one child per configuration
+    python -m rkbench report [--help]         markdown report from MLflow
+    python -m rkbench doctor board.address=IP:5555
+
+Every configuration of a sweep is composed and validated before the first one starts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from rkbench import pipeline
+from rkbench.config import RunConfig, register, to_run_config
+from rkbench.errors import RkbenchError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+OUTCOMES: list[pipeline.Outcome] = []
+log = logging.getLogger("rkbench")
+
+register()
+
+
+def compose_all(argv: list[str]) -> list[RunConfig]:
+    """Compose and validate every configuration the command line asks for (all sweep combinations)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    configs = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        combos = [overrides]
+        if "-m" in argv or "--multirun" in argv:
+            # Like Hydra's basic sweeper: hydra.sweeper.params (from an experiment) first, the command line wins.
+            base = compose("config", overrides=overrides, return_hydra_config=True)
+            declared = {k: str(v) for k, v in (base.hydra.sweeper.get("params") or {}).items()}
+            given = {o.split("=", 1)[0] for o in overrides}
+            swept = [f"{k}={v}" for k, v in declared.items() if k not in given] + overrides
+            parsed = OverridesParser.create().parse_overrides(swept)
+            combos = BasicSweeper.split_arguments(parsed, None)[0]
+        for combo in combos:
+            try:
+                configs.append(to_run_config(compose("config", overrides=list(combo))))
+            except OmegaConfBaseException as exc:
+                key = getattr(exc, "full_key", "") or ""
+                raise RkbenchError(f"{' '.join(combo)}: {str(exc).splitlines()[0]}"
+                                   + (f": set {key}=..." if key else "")) from None
+    return configs
+
+
+def preflight(argv: list[str]) -> None:
+    """Config and data checks for the whole sweep, before any export or conversion."""
+    from hydra.errors import HydraException
+
+    try:
+        configs = compose_all(argv)
+    except HydraException as exc:
+        raise RkbenchError(str(exc).splitlines()[0]) from None
+    seen = set()
+    for run in configs:
+        key = (repr(run.dataset), run.cache_dir)
+        if key not in seen:
+            seen.add(key)
+            ds = pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())
+            if not ds.images:
+                raise RkbenchError(f"dataset {run.dataset.name} has no images: check dataset.* paths")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_entry(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    ctx = pipeline.RunContext(multirun=multirun, sweep_id=hc.sweep.dir if multirun else hc.run.dir,
+                              overrides=list(hc.overrides.task), job=hc.job.num if multirun else 0)
+    outcome = pipeline.run(to_run_config(cfg), ctx)
+    OUTCOMES.append(outcome)
+    return outcome.metrics.get("eval/map50_95", math.nan)  # what a sweeper (e.g. optuna) would optimise
+
+
+KEY_METRICS = ("eval/map50_95", "eval_float/map50_95", "eval/map50", "latency/simulator_infer_ms_p50",
+               "latency/host_infer_ms_p50", "convert/build_s")
+
+
+def format_outcomes(outcomes: list[pipeline.Outcome]) -> str:
+    head = ["run", "status", *[m.split("/", 1)[1] if m.startswith("eval/") else m for m in KEY_METRICS], "cache"]
+    rows = [head]
+    for o in outcomes:
+        cells = [o.name, o.status]
+        cells += [f"{o.metrics[m]:.4g}" if m in o.metrics else "-" for m in KEY_METRICS]
+        cells.append(" ".join(f"{s}:{h}" for s, h in o.cache.items()) or "-")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {o.name}: {o.error}" for o in outcomes if o.status == "FAILED"]
+    footer = ("latency/host_* = ONNX Runtime on this host CPU; latency/simulator_* = rknn-toolkit2 simulator "
+              "on this host. Neither is NPU latency.")
+    return "\n".join(lines + (["failures:"] + notes if notes else []) + [footer])
+
+
+def finish_sweep() -> int:
+    sweep = pipeline.SWEEP
+    failed = [o for o in OUTCOMES if o.status == "FAILED"]
+    if sweep and sweep.tracker and sweep.parent_id:
+        counts = {f"sweep/{s.lower()}": float(sum(o.status == s for o in sweep.outcomes))
+                  for s in ("FINISHED", "FAILED", "SKIPPED")}
+        sweep.tracker.log(sweep.parent_id, counts, tags={"rkbench.status": "FAILED" if failed else "FINISHED"})
+        sweep.tracker.end(sweep.parent_id, "FAILED" if failed else "FINISHED")
+        print(f"MLflow: parent run {sweep.parent_id} in {sweep.tracker.uri}")
+    if OUTCOMES:
+        print(format_outcomes(OUTCOMES))
+    if failed:
+        print(f"rkbench: {len(failed)} of {len(OUTCOMES)} configurations FAILED (see the table above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from rkbench.report.__main__ import main as report_main
+        return report_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from rkbench.device.doctor import main as doctor_main
+        return doctor_main(argv[1:])
+    hydra_flags = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--version", "--shell-completion"}
+    if not hydra_flags.intersection(argv):
+        try:
+            preflight(argv)
+        except RkbenchError as err:
+            print(f"rkbench: error: {err}", file=sys.stderr)
+            return 2
+    OUTCOMES.clear()
+    pipeline.SWEEP = None
+    sys.argv = [sys.argv[0]] + argv
+    hydra_entry()
+    return finish_sweep()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Typed configuration of one run. Hydra composes conf/ onto these dataclasses; `validate` runs before
+any work, so a bad sweep fails in one line instead of after an hour of conversions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from rkbench.errors import ConfigError, UnsupportedCombination
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_PREFIX = "builtin:"  # "builtin:demo_yolov8n.pt" -> the file shipped in rkbench/assets
+
+HEADS = ("rknn", "ultralytics")
+ACTIVATIONS = ("silu", "relu")
+SIMPLIFIERS = ("none", "onnxslim", "onnxsim")
+ALGOS = ("normal", "kl_divergence", "mmse")
+QUANT_DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
+TARGETS = ("simulator", "onnxruntime", "board")
+FAMILIES = ("yolov8", "yolov5")
+CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
+# NPU cores per SoC: core masks other than auto only exist on the multi-core parts.
+NPU_CORES = {"rk3588": 3, "rk3576": 2}
+# Platforms of rknn-toolkit2 2.x; the installed toolkit's own list wins when it can be read.
+TOOLKIT2_PLATFORMS = ("rv1103", "rv1103b", "rv1106", "rv1106b", "rv1126b", "rk2118", "rk3562", "rk3566",
+                      "rk3568", "rk3576", "rk3588")
+LEGACY_PLATFORMS = ("rv1126", "rv1109", "rk1808", "rk3399pro")  # rknn-toolkit (v1) only
+
+
+@dataclass
+class ModelConfig:
+    name: str = "demo_yolov8n"
+    family: str = "yolov8"                  # yolov8 | yolov5
+    weights: Optional[str] = None           # Ultralytics .pt; YOLOv5: checkpoint to read anchors from
+    yaml: Optional[str] = None              # Ultralytics model yaml (random weights: latency studies only)
+    onnx: Optional[str] = None              # a ready ONNX (YOLOv5: exported by the yolov5 repo)
+    anchors: Optional[list[list[float]]] = None   # YOLOv5 anchors in pixels, 3 rows of 6
+    head_outputs: Optional[list[str]] = None      # YOLOv5: the three head conv tensors (auto-detected)
+    opset: int = 12
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "demo"
+    kind: str = "demo"                      # demo | coco | yolo
+    root: Optional[str] = None              # demo: where to generate; yolo: data.yaml or its folder
+    annotations: Optional[str] = None       # coco: instances json
+    images: Optional[str] = None            # coco: image folder
+    split: str = "val"
+    limit: Optional[int] = None             # first N images (sorted by id); None = all
+
+
+@dataclass
+class CalibConfig:
+    size: int = 16
+    source: str = "dataset"                 # dataset (the eval images) | a folder of images
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    count_thresholds: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.63, 0.8])
+    float_reference: bool = True            # also score the float ONNX with ONNX Runtime
+
+
+@dataclass
+class MeasureConfig:
+    warmup: int = 2                         # host/simulator: first timed calls left out of the stats
+    iterations: int = 20                    # board latency mode
+    min_seconds: float = 2.0
+    threads: int = 1                        # board throughput workers
+
+
+@dataclass
+class BoardConfig:
+    serial: Optional[str] = None
+    address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
+    adb_host: str = "127.0.0.1"
+    adb_port: int = 5037
+    remote_root: str = "/data/local/tmp/rkbench"
+    python: str = "python3"
+    runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
+    timeout_s: float = 600.0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "rkbench"
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # The sweep axes, top-level so a sweep reads `resolution=320,640 algo=normal,mmse`.
+    resolution: int = 320
+    activation: str = "silu"
+    export: str = "rknn"
+    simplify: str = "onnxslim"
+    platform: str = "rk3588"
+    quantize: bool = True                   # False = fp16 model
+    algo: str = "normal"
+    quant_method: str = "channel"           # layer | channel | group32..group256
+    quant_dtype: str = "w8a8"
+    batch: int = 1                          # rknn_batch_size
+    core_mask: str = "auto"
+    target: str = "simulator"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    board: BoardConfig = field(default_factory=BoardConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cache_dir: str = ".rkbench_cache"
+    resume: bool = True                     # skip configurations already FINISHED in MLflow
+    study: str = "default"
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="rkbench_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """DictConfig from Hydra -> validated RunConfig object."""
+    run = cfg if isinstance(cfg, RunConfig) else OmegaConf.to_object(cfg)
+    if not isinstance(run, RunConfig):
+        raise ConfigError("config did not compose onto the rkbench schema: keep `rkbench_schema` first in conf/config.yaml defaults")
+    validate(run)
+    return run
+
+
+def resolve_path(value: str) -> Path:
+    if value.startswith(BUILTIN_PREFIX):
+        return ASSETS / value[len(BUILTIN_PREFIX):]
+    return Path(value).expanduser()
+
+
+def toolkit_platforms() -> tuple[str, ...]:
+    """Platforms the installed rknn-toolkit2 documents in RKNN.config (falls back to the 2.x list)."""
+    try:
+        from rknn.api import RKNN
+        doc = RKNN.config.__doc__ or ""
+        line = doc.split(":param target_platform:")[1].split(":param")[0]
+        found = tuple(re.findall(r"\b(r[kv]\d{4}[a-z]?)\b", line))
+        return found or TOOLKIT2_PLATFORMS
+    except (ImportError, IndexError):
+        return TOOLKIT2_PLATFORMS
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}: pick one of those")
+
+
+def _must_exist(key: str, value: Optional[str]) -> None:
+    if value is not None and not resolve_path(value).exists():
+        raise ConfigError(f"{key}={value} does not exist: give the path of an existing file")
+
+
+def validate(run: RunConfig) -> None:
+    """Every check that can fail without doing work. Raises ConfigError naming the fix."""
+    if run.resolution <= 0 or run.resolution % 32:
+        raise ConfigError(f"resolution={run.resolution} is not a positive multiple of 32 (the YOLO stride): try {max(32, round(run.resolution / 32) * 32)}")
+    _choice("activation", run.activation, ACTIVATIONS)
+    _choice("export", run.export, HEADS)
+    _choice("simplify", run.simplify, SIMPLIFIERS)
+    _choice("algo", run.algo, ALGOS)
+    _choice("quant_dtype", run.quant_dtype, QUANT_DTYPES)
+    _choice("target", run.target, TARGETS)
+    _choice("core_mask", run.core_mask, CORE_MASKS)
+    _choice("model.family", run.model.family, FAMILIES)
+    if not re.fullmatch(r"layer|channel|group(32|64|96|128|160|192|224|256)", run.quant_method):
+        raise ConfigError(f"quant_method={run.quant_method!r} is not layer, channel or groupN (N a multiple of 32 in 32..256)")
+    if run.platform in LEGACY_PLATFORMS:
+        raise ConfigError(f"platform={run.platform} needs the legacy rknn-toolkit (v1), not rknn-toolkit2: pick one of {', '.join(toolkit_platforms())}")
+    _choice("platform", run.platform, toolkit_platforms())
+    if run.batch < 1:
+        raise ConfigError(f"batch={run.batch}: rknn_batch_size must be >= 1")
+    if run.calib.size < 1:
+        raise ConfigError(f"calib.size={run.calib.size}: need at least one calibration image")
+
+    cores = NPU_CORES.get(run.platform, 1)
+    if run.core_mask != "auto":
+        used = 3 if run.core_mask == "all" else len(run.core_mask.split("_"))
+        highest = used - 1 if run.core_mask == "all" else max(int(c) for c in run.core_mask.split("_"))
+        if highest >= cores:
+            raise UnsupportedCombination(f"core_mask={run.core_mask} needs {highest + 1} NPU cores but {run.platform} has {cores}: use core_mask=auto")
+        if run.batch > 1 and used == 1:
+            raise UnsupportedCombination(f"batch={run.batch} with single-core core_mask={run.core_mask} falls back to auto on the board: use core_mask=0_1_2 (or auto), or batch=1")
+
+    m = run.model
+    sources = [s for s in (m.weights, m.yaml, m.onnx) if s]
+    if m.family == "yolov5" and not m.onnx:
+        raise ConfigError("YOLOv5 models come as ONNX exported by the yolov5 repo: set model.onnx=/path/yolov5s.onnx")
+    if not sources:
+        raise ConfigError("model has no source: set model.weights=/path/best.pt, model.yaml=yolov8n.yaml or model.onnx=/path/x.onnx")
+    _must_exist("model.weights", m.weights)
+    _must_exist("model.onnx", m.onnx)
+    if m.yaml and m.yaml.endswith((".yaml", ".yml")) and "/" in m.yaml:
+        _must_exist("model.yaml", m.yaml)
+    if m.onnx and m.family == "yolov8" and run.activation != "silu":
+        raise UnsupportedCombination("activation can only be swapped when exporting from weights/yaml: drop model.onnx or use activation=silu")
+    if m.anchors is not None and (len(m.anchors) != 3 or any(len(row) != 6 for row in m.anchors)):
+        raise ConfigError("model.anchors must be 3 rows of 6 numbers (w,h pairs per scale, pixels), as in the yolov5 yaml")
+
+    d = run.dataset
+    _choice("dataset.kind", d.kind, ("demo", "coco", "yolo"))
+    if d.kind == "coco" and not (d.annotations and d.images):
+        raise ConfigError("dataset=coco needs dataset.annotations=/path/instances_val2017.json and dataset.images=/path/val2017")
+    if d.kind == "yolo" and not d.root:
+        raise ConfigError("dataset=yolo needs dataset.root=/path/data.yaml (Ultralytics layout, e.g. coco128.yaml)")
+    for key, value in (("dataset.annotations", d.annotations), ("dataset.images", d.images)):
+        _must_exist(key, value)
+    if d.kind == "yolo":
+        _must_exist("dataset.root", d.root)
+    if d.limit is not None and d.limit < 1:
+        raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
+
+    if run.target == "board" and not (run.board.serial or run.board.address):
+        raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
+    if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:
+        raise ConfigError("eval.conf must be in [0, 1) and eval.iou in (0, 1]")
+
+
+def flatten(run: RunConfig) -> dict[str, str]:
+    """Dotted params for MLflow (values < 500 chars)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(node)[:499]
+
+    walk("", asdict(run))
+    return out

@@ -1,0 +1,59 @@
+"""Stage 1: model source -> ONNX with the chosen head, resolution and activation."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+from rkbench.cache import StageCache, sha256_file, stage_key
+from rkbench.config import ModelConfig, resolve_path
+from rkbench.errors import StageError, UnsupportedCombination
+from rkbench.stages import Artifact, from_cache
+
+EXPORT_CODE_VERSION = 1  # bump when heads.py changes the graphs it writes
+
+
+def _source_hash(model: ModelConfig) -> dict[str, str]:
+    out = {}
+    for key in ("weights", "onnx"):
+        value = getattr(model, key)
+        if value:
+            out[key] = sha256_file(resolve_path(value))
+    if model.yaml:
+        p = resolve_path(model.yaml)
+        out["yaml"] = sha256_file(p) if p.exists() else model.yaml  # Ultralytics built-in yaml names
+    return out
+
+
+def export(model: ModelConfig, resolution: int, head: str, activation: str, cache: StageCache) -> Artifact:
+    from rkbench.models import heads
+
+    if model.family == "yolov5" and head != "rknn":
+        raise UnsupportedCombination("YOLOv5 ONNX is cut at the head convolutions (DFL-free anchor decode on the CPU): use export=rknn")
+    key = stage_key("export", model=model.__dict__, resolution=resolution, head=head, activation=activation,
+                    sources=_source_hash(model), code=EXPORT_CODE_VERSION,
+                    torch=md.version("torch"), ultralytics=md.version("ultralytics"), onnx=md.version("onnx"))
+    entry = cache.lookup("export", key)
+    if not entry.hit:
+        out = cache.begin(entry) / "model.onnx"
+        try:
+            if model.family == "yolov5":
+                info = heads.cut_yolov5_onnx(resolve_path(model.onnx), out, model.head_outputs)
+                anchors = heads.yolov5_anchors(resolve_path(model.onnx),
+                                               resolve_path(model.weights) if model.weights else None,
+                                               default=model.anchors)
+                info["anchors"] = anchors.tolist()
+                if info.get("imgsz") and info["imgsz"] != resolution:
+                    raise UnsupportedCombination(f"the YOLOv5 ONNX has a fixed {info['imgsz']} px input: set resolution={info['imgsz']} or re-export it at {resolution}")
+            else:
+                source = model.weights or model.yaml or model.onnx
+                info = heads.export_yolov8_onnx(str(resolve_path(source)) if not model.yaml else model.yaml,
+                                                out, imgsz=resolution, head=head, activation=activation,
+                                                opset=model.opset)
+        except (UnsupportedCombination, StageError):
+            raise
+        except Exception as exc:  # torch / onnx errors come in many types; all mean this export failed
+            raise StageError("export", f"{type(exc).__name__}: {exc}", "check the model source loads with ultralytics.YOLO(path)") from exc
+        info["family"] = model.family
+        cache.commit(entry, {"onnx": out.name}, info)
+    return from_cache(entry, "onnx")
