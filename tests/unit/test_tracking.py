@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from dataclasses import replace
+
+from rkbench.config import RunConfig, TrackingConfig
+from rkbench.tracking import Tracker, fingerprint
+
+
+def test_fingerprint_ignores_where_results_go_but_not_what_is_measured():
+    base = RunConfig()
+    assert fingerprint(base) == fingerprint(replace(base, tracking=TrackingConfig(uri="sqlite:///elsewhere.db"),
+                                                    cache_dir="/tmp/other", resume=False))
+    assert fingerprint(base) != fingerprint(replace(base, algo="mmse"))
+    assert fingerprint(base) != fingerprint(replace(base, resolution=640))
+
+
+def test_nested_runs_and_resume_lookup(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "study")
+    parent = tracker.start("sweep", {"rkbench.kind": "sweep"})
+    child = tracker.start("cfg", {"rkbench.kind": "config", "rkbench.fingerprint": "abc"}, parent=parent)
+    tracker.log(child, {"eval/map50_95": 0.5}, {"resolution": "320"}, {"rkbench.status": "FINISHED"})
+    assert tracker.finished_run("abc") is None          # still running: not finished
+    tracker.end(child, "FINISHED")
+    assert tracker.finished_run("abc") == child
+    assert tracker.finished_run("other") is None
+    run = tracker.client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics["eval/map50_95"] == 0.5 and run.data.params["resolution"] == "320"
+    assert tracker.client.get_experiment(tracker.experiment_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
