@@ -1,0 +1,204 @@
+"""Markdown rendering of a report: a small table formatter and the report's sections."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Optional, Sequence
+
+from rkbench.report.runs import Pivot, RunRecord, Selection
+
+# Counts columns in the runs table (at the lowest logged threshold) and in the counts section.
+COUNT_FIELDS = ("gt", "correct", "false", "missed", "correct_ratio", "false_ratio", "missed_ratio")
+LATENCY_STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv")
+WHERE = {
+    "board": "on the board's NPU (the only place NPU latency is measured)",
+    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol): not NPU latency",
+    "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
+    "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
+}
+
+
+def fmt(value: object) -> str:
+    """Numbers to 4 significant digits (whole numbers as integers), NaN as n/a, None as -."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if value.is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ").strip() or " "
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[bool] | None = None) -> str:
+    """A GitHub-flavoured markdown table, columns padded so the source reads as a table too; numeric
+    columns are right-aligned."""
+    head = [_cell(str(h)) for h in header]
+    body = [[_cell(fmt(c)) for c in row] for row in rows]
+    if any(len(r) != len(head) for r in body):
+        raise ValueError("every row needs one cell per header column")
+    numeric = list(numeric) if numeric is not None else [False] * len(head)
+    widths = [max([len(head[i]), 3] + [len(r[i]) for r in body]) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if n else "-" * w for w, n in zip(widths, numeric)) + " |"
+    return "\n".join([line(head), rule] + [line(r) for r in body])
+
+
+def _utc(ms: Optional[int]) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ms else "-"
+
+
+def _label(metric: str) -> str:
+    """Column header: `eval/` dropped, `counts/c0.25/correct` as `correct@0.25`."""
+    if metric.startswith("counts/c"):
+        conf, name = metric.removeprefix("counts/c").split("/", 1)
+        return f"{name}@{conf}"
+    return metric.removeprefix("eval/")
+
+
+def count_conf(runs: list[RunRecord]) -> list[str]:
+    """The thresholds of the logged count tables (`counts/c0.25/...`), lowest first."""
+    confs = {m.split("/")[1][1:] for r in runs for m in r.metrics if m.startswith("counts/c")}
+    return sorted(confs, key=float)
+
+
+def run_columns(runs: list[RunRecord]) -> list[str]:
+    """Key metrics present in at least one run, in reading order."""
+    present = {m for r in runs for m in r.metrics}
+    fixed = [m for m in ("eval/map50_95", "eval/map50", "eval_float/map50_95") if m in present]
+    latency = sorted(m for m in present if m.startswith("latency/") and m.endswith("_p50"))
+    rest = sorted(m for m in present if m.startswith("throughput/")) + [m for m in ("convert/build_s",) if m in present]
+    confs = count_conf(runs)
+    counts = [f"counts/c{confs[0]}/{k}" for k in ("correct", "false", "missed")] if confs else []
+    return fixed + latency + rest + [c for c in counts if c in present]
+
+
+def _header(sel: Selection, generated: datetime) -> list[str]:
+    runs = sel.runs
+    by_status: dict[str, int] = {}
+    for r in runs:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+    scope = (f"sweep run **{sel.parent.name}** (`{sel.parent.run_id}`)" if sel.parent
+             else "every config run of the experiment (no sweep run found)")
+    ends = [r.end_ms for r in runs if r.end_ms]
+    return [
+        f"# rkbench report: {sel.experiment}",
+        "",
+        f"- Generated: {generated.strftime('%Y-%m-%d %H:%M UTC')} from `{sel.tracking_uri}`, experiment `{sel.experiment}`",
+        f"- Scope: {scope}; {len(runs)} configuration runs ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) + ")",
+        f"- Runs from {_utc(min(r.start_ms for r in runs))} to {_utc(max(ends) if ends else None)}",
+        f"- Swept axes: {', '.join(f'`{a}`' for a in sel.axes) or 'none'}",
+    ]
+
+
+def _distinct(runs: list[RunRecord], tag: str) -> list[str]:
+    return sorted({r.tags[tag] for r in runs if r.tags.get(tag)})
+
+
+def _where(sel: Selection) -> list[str]:
+    kinds: dict[str, int] = {}
+    for r in sel.runs:
+        kind = r.tags.get("rkbench.device_kind")
+        if kind:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    lines = ["", "## Where it was measured", ""]
+    if not kinds:
+        lines.append("No run carries an `rkbench.device_kind` tag (runs that failed before measuring).")
+    for kind, n in sorted(kinds.items()):
+        lines.append(f"- `{kind}` ({n} run{'s' if n != 1 else ''}): measured {WHERE.get(kind, 'at an unknown place')}")
+    for tag, what in (("rkbench.soc", "Target SoC"), ("rkbench.runtime", "Runtime"), ("rkbench.host", "Host"),
+                      ("rkbench.dataset", "Dataset"), ("rkbench.git_sha", "rkbench git sha")):
+        values = _distinct(sel.runs, tag)
+        if values:
+            lines.append(f"- {what}: {', '.join(f'`{v}`' for v in values)}")
+    measures = _distinct(sel.runs, "rkbench.measure")
+    if measures:
+        lines += ["- How latency was taken:"] + [f"  - {m}" for m in measures]
+    versions = sorted({k for r in sel.runs for k in r.tags if k.startswith("versions.")})
+    if versions:
+        lines.append("- Versions: " + ", ".join(f"{k.removeprefix('versions.')} {' / '.join(_distinct(sel.runs, k))}"
+                                                for k in versions))
+    lines += ["", "Host and simulator times are measured on the x86 host (ONNX Runtime, rknn-toolkit2 simulator); "
+                  "they compare configurations with each other, they are not NPU latency."]
+    return lines
+
+
+def _runs_table(sel: Selection) -> list[str]:
+    metrics = run_columns(sel.runs)
+    header = ["run", "status"] + sel.axes + [_label(m) for m in metrics]
+    rows = [[r.name, r.status] + [r.param(a) for a in sel.axes] + [r.metrics.get(m) for m in metrics]
+            for r in sel.runs]
+    numeric = [False, False] + [False] * len(sel.axes) + [True] * len(metrics)
+    return ["", "## Runs", "", table(header, rows, numeric)]
+
+
+def _failures(sel: Selection) -> list[str]:
+    failed = [r for r in sel.runs if r.status not in ("FINISHED", "SKIPPED")]
+    if not failed:
+        return []
+    lines = ["", "## Failures", ""]
+    for r in failed:
+        axes = ", ".join(f"{a}={r.param(a)}" for a in sel.axes)
+        stage = r.tags.get("rkbench.failed_stage")
+        line = f"- **{r.name}** ({axes or r.run_id}) {r.status}" + (f" in stage `{stage}`" if stage else "")
+        line += f": {r.tags.get('rkbench.error') or 'no rkbench.error tag (killed or still running?)'}"
+        if r.tags.get("rkbench.hint"):
+            line += f" — hint: {r.tags['rkbench.hint']}"
+        lines.append(line.replace("\n", " "))
+    return lines
+
+
+def pivot_table(p: Pivot) -> str:
+    header = [f"{p.row} \\ {p.col}"] + p.cols
+    rows = [[r] + [p.cells.get((r, c)) for c in p.cols] for r in p.rows]
+    return table(header, rows, [False] + [True] * len(p.cols))
+
+
+def _pivots(pivots: list[tuple[Pivot, Optional[str]]]) -> list[str]:
+    lines: list[str] = []
+    for p, png in pivots:
+        fixed = ", ".join(f"{k}={v}" for k, v in p.fixed.items())
+        lines += ["", f"## {p.metric} by {p.row} x {p.col}" + (f" ({fixed})" if fixed else ""), "", pivot_table(p)]
+        if png:
+            lines += ["", f"![{p.metric} vs {p.row}]({png})"]
+    return lines
+
+
+def _latency(sel: Selection) -> list[str]:
+    rows = []
+    for r in sel.runs:
+        stems = sorted({m.removeprefix("latency/").rsplit("_", 1)[0] for m in r.metrics if m.startswith("latency/")})
+        rows += [[r.name, s] + [r.metrics.get(f"latency/{s}_{k}") for k in LATENCY_STATS] for s in stems]
+    if not rows:
+        return []
+    return ["", "## Latency details", "",
+            table(["run", "measurement"] + list(LATENCY_STATS), rows, [False, False] + [True] * len(LATENCY_STATS))]
+
+
+def _counts(sel: Selection) -> list[str]:
+    confs = count_conf(sel.runs)
+    rows = [[r.name, c] + [r.metrics.get(f"counts/c{c}/{k}") for k in COUNT_FIELDS]
+            for r in sel.runs for c in confs if f"counts/c{c}/gt" in r.metrics]
+    if not rows:
+        return []
+    return ["", "## Detections per confidence threshold", "",
+            "correct: matched to an unmatched ground-truth box of its class (IoU >= 0.5, best score first); "
+            "false: not matched; missed: ground truth left unmatched. false_ratio = false / (correct + false).", "",
+            table(["run", "conf"] + list(COUNT_FIELDS), rows, [False, True] + [True] * len(COUNT_FIELDS))]
+
+
+def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated: datetime) -> str:
+    """The whole report; `pivots` pairs each pivot with its plot file name (relative), or None."""
+    lines = (_header(sel, generated) + _where(sel) + _runs_table(sel) + _failures(sel) + _pivots(pivots)
+             + _latency(sel) + _counts(sel))
+    return "\n".join(lines) + "\n"
