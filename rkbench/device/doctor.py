@@ -1,0 +1,302 @@
+"""Board doctor: read what a board runs (SoC, kernel, NPU driver, librknnrt, rknn_server, Python,
+frequencies, free space), flag the known traps with their fix, and tag every board run with the facts.
+
+    python -m rkbench doctor board.address=192.168.1.222:5555      (the entry point maps to `main`)
+
+One shell command gathers everything (one round trip over adb): a constant script whose only inputs are
+positional arguments, so nothing from the config is spliced into shell text."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rkbench.device.transport import AdbTransport, Transport
+from rkbench.errors import DeviceError
+
+# $1 = remote root, $2 = Python snippet. Prints key=value lines; absent things print nothing or empty.
+_PROBE_SCRIPT = r"""
+kv() { printf '%s=%s\n' "$1" "$2"; }
+root="$1"
+kv compatible "$(tr '\000' ';' < /proc/device-tree/compatible 2>/dev/null)"
+kv kernel "$(uname -r 2>/dev/null)"
+kv npu_driver "$(cat /sys/kernel/debug/rknpu/version 2>/dev/null)"
+kv npu_load "$(cat /sys/kernel/debug/rknpu/load 2>/dev/null)"
+for f in /usr/lib/librknnrt.so /usr/lib64/librknnrt.so /vendor/lib64/librknnrt.so /vendor/lib/librknnrt.so; do
+  if [ -f "$f" ]; then
+    kv librknnrt_path "$f"
+    kv librknnrt "$(grep -a -o 'librknnrt version: [^ ]* ([^)]*)' "$f" 2>/dev/null | head -n 1)"
+    break
+  fi
+done
+for f in "$(command -v rknn_server 2>/dev/null)" /usr/bin/rknn_server /vendor/bin/rknn_server; do
+  if [ -n "$f" ] && [ -f "$f" ]; then
+    kv rknn_server "$(grep -a -o 'rknn server, version:[^)]*)' "$f" 2>/dev/null | head -n 1)"
+    break
+  fi
+done
+for d in /sys/class/devfreq/*npu*; do
+  if [ -d "$d" ]; then
+    kv npu_freq "$(cat "$d/cur_freq" 2>/dev/null)"
+    kv npu_governor "$(cat "$d/governor" 2>/dev/null)"
+    break
+  fi
+done
+if [ -d /sys/class/devfreq/dmc ]; then
+  kv dmc 1
+  kv ddr_freq "$(cat /sys/class/devfreq/dmc/cur_freq 2>/dev/null)"
+  kv ddr_governor "$(cat /sys/class/devfreq/dmc/governor 2>/dev/null)"
+else
+  kv dmc 0
+fi
+for p in /sys/devices/system/cpu/cpufreq/policy*; do
+  if [ -d "$p" ]; then
+    kv "cpu.${p##*/}" "$(cat "$p/scaling_cur_freq" 2>/dev/null) $(cat "$p/scaling_governor" 2>/dev/null)"
+  fi
+done
+d="$root"
+while [ ! -d "$d" ]; do d="$(dirname "$d")"; done
+kv df "$(df -Pk "$d" 2>/dev/null | tail -n 1)"
+if command -v python3 >/dev/null 2>&1; then python3 -c "$2" 2>/dev/null; fi
+true
+"""
+
+_PY_SNIPPET = """
+import sys
+print("python=" + sys.version.split()[0])
+try:
+    from importlib import metadata
+except ImportError:
+    metadata = None
+for key, dist in (("toolkit_lite2", "rknn-toolkit-lite2"), ("onnxruntime", "onnxruntime")):
+    try:
+        print(key + "=" + metadata.version(dist))
+    except Exception:
+        pass
+"""
+
+LOW_SPACE_MIB = 512
+STABLE_GOVERNORS = ("performance", "userspace")
+
+
+@dataclass
+class BoardFacts:
+    transport: str
+    remote_root: str
+    emulated: bool = False                   # the rkbench emulator (or a local directory), not real hardware
+    soc: Optional[str] = None
+    compatible: list[str] = field(default_factory=list)
+    kernel: Optional[str] = None
+    npu_driver: Optional[str] = None
+    npu_load: Optional[str] = None
+    librknnrt: Optional[str] = None          # "2.3.0"
+    librknnrt_build: Optional[str] = None    # "2.3.0 (c949ad889d@2024-11-07T11:35:33)"
+    librknnrt_path: Optional[str] = None
+    rknn_server: Optional[str] = None
+    toolkit_lite2: Optional[str] = None
+    onnxruntime: Optional[str] = None
+    python: Optional[str] = None
+    npu_freq_hz: Optional[int] = None
+    npu_governor: Optional[str] = None
+    dmc: bool = False
+    ddr_freq_hz: Optional[int] = None
+    ddr_governor: Optional[str] = None
+    cpu_freq_khz: dict[str, int] = field(default_factory=dict)      # cpufreq policy -> kHz
+    cpu_governor: dict[str, str] = field(default_factory=dict)
+    free_mib: Optional[float] = None
+    host_toolkit: Optional[str] = None      # rknn-toolkit2 on the host (builds the models)
+
+    def as_tags(self) -> dict[str, str]:
+        """`board.*` tags for every run measured on this board (unknown facts are left out)."""
+        tags = {"board.transport": self.transport, "board.dmc": str(self.dmc).lower(),
+                "board.emulated": str(self.emulated).lower()}
+        for key in ("soc", "kernel", "npu_driver", "librknnrt", "rknn_server", "toolkit_lite2", "onnxruntime",
+                    "python", "npu_freq_hz", "npu_governor", "ddr_freq_hz", "ddr_governor"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                tags[f"board.{key}"] = str(value)
+        if self.cpu_freq_khz:
+            tags["board.cpu_freq_khz"] = ",".join(f"{p}:{f}" for p, f in sorted(self.cpu_freq_khz.items()))
+        if self.cpu_governor:
+            tags["board.cpu_governor"] = ",".join(f"{p}:{g}" for p, g in sorted(self.cpu_governor.items()))
+        if self.free_mib is not None:
+            tags["board.free_mib"] = f"{self.free_mib:.0f}"
+        return tags
+
+
+@dataclass
+class Finding:
+    level: str      # error | warning | info
+    what: str
+    fix: str
+
+
+def _int(text: Optional[str]) -> Optional[int]:
+    return int(text) if text and text.strip().isdigit() else None
+
+
+def _version(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    match = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g or 0) for g in match.groups()) if match else None
+
+
+def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Optional[str]) -> BoardFacts:
+    values: dict[str, str] = {}
+    for line in output.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and key not in values:
+            values[key] = value.strip()
+    facts = BoardFacts(transport=transport, remote_root=remote_root, host_toolkit=host_toolkit)
+    facts.compatible = [c for c in values.get("compatible", "").split(";") if c]
+    socs = [c.split(",", 1)[1] for c in facts.compatible if c.startswith("rockchip,") and "-" not in c]
+    facts.soc = socs[-1] if socs else None
+    facts.kernel = values.get("kernel") or None
+    driver = re.search(r"v?(\d+\.\d+\.\d+)", values.get("npu_driver", ""))
+    facts.npu_driver = driver.group(1) if driver else None
+    facts.npu_load = values.get("npu_load") or None
+    rt = re.search(r"librknnrt version: (\S+)(.*)", values.get("librknnrt", ""))
+    if rt:
+        facts.librknnrt = rt.group(1)
+        facts.librknnrt_build = (rt.group(1) + rt.group(2)).strip()
+    facts.librknnrt_path = values.get("librknnrt_path") or None
+    server = re.search(r"version:\s*(\S+)", values.get("rknn_server", ""))
+    facts.rknn_server = server.group(1) if server else None
+    facts.toolkit_lite2 = values.get("toolkit_lite2") or None
+    facts.onnxruntime = values.get("onnxruntime") or None
+    facts.python = values.get("python") or None
+    facts.npu_freq_hz = _int(values.get("npu_freq"))
+    facts.npu_governor = values.get("npu_governor") or None
+    facts.dmc = values.get("dmc") == "1"
+    facts.ddr_freq_hz = _int(values.get("ddr_freq"))
+    facts.ddr_governor = values.get("ddr_governor") or None
+    for key, value in values.items():
+        if key.startswith("cpu."):
+            freq, _, governor = value.partition(" ")
+            if _int(freq) is not None:
+                facts.cpu_freq_khz[key[4:]] = int(freq)
+            if governor:
+                facts.cpu_governor[key[4:]] = governor
+    df = values.get("df", "").split()
+    if len(df) >= 4 and df[3].isdigit():
+        facts.free_mib = int(df[3]) / 1024
+    return facts
+
+
+def host_toolkit_version() -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version("rknn-toolkit2")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def probe(transport: Transport, host_toolkit_version: Optional[str], *,
+          remote_root: str = "/data/local/tmp/rkbench", timeout: float = 60.0) -> BoardFacts:
+    result = transport.shell(["sh", "-c", _PROBE_SCRIPT, "sh", remote_root, _PY_SNIPPET], timeout=timeout)
+    if not result.ok:
+        raise DeviceError(f"board probe failed on {transport.describe()} (exit {result.exit_code}): "
+                          f"{result.output.strip()[-300:]}; check that the board has a POSIX sh")
+    facts = parse_probe(result.output, transport.describe(), remote_root, host_toolkit_version)
+    facts.emulated = transport.emulated
+    return facts
+
+
+def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Finding]:
+    """Known traps, each with its fix. `expected_soc`: the platform the models are built for."""
+    found: list[Finding] = []
+    add = lambda level, what, fix: found.append(Finding(level, what, fix))  # noqa: E731
+    if facts.soc is None:
+        add("error", "SoC unknown: /proc/device-tree/compatible is unreadable",
+            "check this is a Rockchip board and the transport reaches it (`adb shell cat /proc/device-tree/compatible`)")
+    elif expected_soc and facts.soc != expected_soc:
+        add("error", f"board is {facts.soc} but the models are built for {expected_soc}",
+            f"set platform={facts.soc} (or use a {expected_soc} board)")
+    rt, toolkit = _version(facts.librknnrt), _version(facts.host_toolkit)
+    if facts.librknnrt is None:
+        add("error", "librknnrt.so not found (or no version string in it)",
+            "install librknnrt.so from rknn-toolkit2's rknpu2 runtime into /usr/lib (Android: /vendor/lib64)")
+    elif toolkit and rt and toolkit > rt:
+        need = ".".join(map(str, toolkit))
+        add("error", f"models built by rknn-toolkit2 {facts.host_toolkit} are newer than the board's librknnrt "
+            f"{facts.librknnrt} (rknn_init fails: 'Invalid RKNN model version')",
+            f"update librknnrt.so and rknn_server on the board to >= {need} (rknpu2 runtime)")
+    server = _version(facts.rknn_server)
+    if facts.rknn_server is None:
+        add("info", "rknn_server not found",
+            "only needed to run models from the host with rknn-toolkit2 (connected-board mode); RKNNLite does not")
+    elif rt and server and server[:2] != rt[:2]:
+        add("warning", f"rknn_server {facts.rknn_server} and librknnrt {facts.librknnrt} come from different releases",
+            "install both from the same rknpu2 runtime release")
+    lite = _version(facts.toolkit_lite2)
+    if lite and rt and lite[:2] > rt[:2]:
+        add("warning", f"rknn-toolkit-lite2 {facts.toolkit_lite2} is newer than librknnrt {facts.librknnrt}",
+            f"update librknnrt.so on the board to >= {facts.toolkit_lite2}")
+    if facts.python is None:
+        add("error", "no python3 on the board", "install python3 (the on-device runner needs it)")
+    elif facts.toolkit_lite2 is None:
+        add("info", "rknn-toolkit-lite2 not installed on the board",
+            "pip install the rknn_toolkit_lite2 wheel for the board's Python (runtime=rknnlite needs it)")
+    if facts.npu_driver is None:
+        add("warning", "NPU driver version unreadable (/sys/kernel/debug/rknpu/version)",
+            "run adbd as root (`adb root`) or read it from `dmesg | grep -i rknpu`")
+    if not facts.dmc:
+        add("warning", "no /sys/class/devfreq/dmc: the DDR frequency cannot be fixed",
+            "rknn-toolkit2 eval_perf crashes here; call it with fix_freq=False")
+    unstable = [g for g in (facts.npu_governor, facts.ddr_governor, *facts.cpu_governor.values())
+                if g and g not in STABLE_GOVERNORS]
+    if unstable:
+        add("info", f"frequency governors {', '.join(sorted(set(unstable)))} let clocks float: latency varies run to run",
+            "for stable numbers set the NPU/DDR/CPU governors to performance (echo performance > .../governor)")
+    if facts.free_mib is not None and facts.free_mib < LOW_SPACE_MIB:
+        add("warning", f"only {facts.free_mib:.0f} MiB free under {facts.remote_root}",
+            f"free space there (old models pile up in {facts.remote_root}/cache) or set board.remote_root elsewhere")
+    return found
+
+
+def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
+    rows = [("transport", facts.transport + (" (emulated: no NPU)" if facts.emulated else "")), ("soc", facts.soc), ("compatible", " ".join(facts.compatible)),
+            ("kernel", facts.kernel), ("npu driver", facts.npu_driver),
+            ("librknnrt", facts.librknnrt_build and f"{facts.librknnrt_build} ({facts.librknnrt_path})"),
+            ("rknn_server", facts.rknn_server), ("rknn-toolkit2 (host)", facts.host_toolkit),
+            ("rknn-toolkit-lite2", facts.toolkit_lite2), ("onnxruntime", facts.onnxruntime),
+            ("python", facts.python),
+            ("npu", facts.npu_freq_hz and f"{facts.npu_freq_hz / 1e6:.0f} MHz {facts.npu_governor or ''}"),
+            ("ddr (dmc)", f"{facts.ddr_freq_hz / 1e6:.0f} MHz {facts.ddr_governor or ''}" if facts.ddr_freq_hz else "absent"),
+            ("cpu", ", ".join(f"{p} {f / 1e3:.0f} MHz {facts.cpu_governor.get(p, '')}".strip()
+                              for p, f in sorted(facts.cpu_freq_khz.items()))),
+            ("npu load", facts.npu_load),
+            ("free", facts.free_mib is not None and f"{facts.free_mib:.0f} MiB under {facts.remote_root}")]
+    width = max(len(k) for k, _ in rows)
+    lines = ["Board facts"] + [f"  {k.ljust(width)}  {v if v else '-'}" for k, v in rows]
+    lines.append("Findings" if findings else "Findings: none")
+    for f in sorted(findings, key=lambda f: ("error", "warning", "info").index(f.level)):
+        lines.append(f"  {f.level.upper():7s} {f.what}\n          fix: {f.fix}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rkbench doctor", description="Check a board for rkbench.")
+    parser.add_argument("--serial", help="adb serial (USB)")
+    parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
+    parser.add_argument("--adb-host", default="127.0.0.1")
+    parser.add_argument("--adb-port", type=int, default=5037)
+    parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
+    parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
+    parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
+    args = parser.parse_args(argv)
+    try:
+        transport = AdbTransport(args.serial, args.address, args.adb_host, args.adb_port)
+        facts = probe(transport, args.host_toolkit or host_toolkit_version(), remote_root=args.remote_root)
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    findings = check(facts, expected_soc=args.platform)
+    print(format_report(facts, findings))
+    return 1 if any(f.level == "error" for f in findings) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
