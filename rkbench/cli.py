@@ -1,11 +1,5 @@
-"""Entry point.
-
-    python -m rkbench [overrides]             one configuration (the embedded demo by default)
-    python -m rkbench -m resolution=320,640   a sweep: one MLflow parent run, one child per configuration
-    python -m rkbench report [--help]         markdown report from MLflow
-    python -m rkbench doctor board.address=IP:5555
-
-Every configuration of a sweep is composed and validated before the first one starts."""
+"""The Hydra side of `python -m rkbench`: compose + validate the whole sweep, then one pipeline run per
+configuration, then the sweep's summary and exit code."""
 
 from __future__ import annotations
 
@@ -21,8 +15,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from rkbench import pipeline
-from rkbench.config import RunConfig, register, to_run_config
-from rkbench.errors import RkbenchError
+from rkbench.config import RunConfig, register, resolve_path, to_run_config
+from rkbench.errors import DataError, RkbenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OUTCOMES: list[pipeline.Outcome] = []
@@ -67,6 +61,8 @@ def preflight(argv: list[str]) -> None:
         configs = compose_all(argv)
     except HydraException as exc:
         raise RkbenchError(str(exc).splitlines()[0]) from None
+    for path in sorted({m for run in configs for m in (run.model.weights, run.model.onnx) if m}):
+        check_model_file(resolve_path(path))
     seen = set()
     for run in configs:
         key = (repr(run.dataset), run.cache_dir)
@@ -75,6 +71,20 @@ def preflight(argv: list[str]) -> None:
             ds = pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())
             if not ds.images:
                 raise RkbenchError(f"dataset {run.dataset.name} has no images: check dataset.* paths")
+
+
+def check_model_file(path: Path) -> None:
+    """Catch a truncated or wrong file in a second, not after the first export."""
+    if path.suffix == ".onnx":
+        import onnx
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
+            raise DataError(f"{path} is not a valid ONNX model ({type(exc).__name__}): re-export it") from None
+    elif path.suffix in (".pt", ".pth"):
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+                raise DataError(f"{path} is not a PyTorch checkpoint (truncated or wrong file?): re-export or copy it again")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -125,14 +135,7 @@ def finish_sweep() -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["report"]:
-        from rkbench.report.__main__ import main as report_main
-        return report_main(argv[1:])
-    if argv[:1] == ["doctor"]:
-        from rkbench.device.doctor import main as doctor_main
-        return doctor_main(argv[1:])
+def run_sweep(argv: list[str]) -> int:
     hydra_flags = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--version", "--shell-completion"}
     if not hydra_flags.intersection(argv):
         try:
@@ -145,7 +148,3 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [sys.argv[0]] + argv
     hydra_entry()
     return finish_sweep()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,6 +25,27 @@ def _source_hash(model: ModelConfig) -> dict[str, str]:
     return out
 
 
+def adopt_yolov8_onnx(src: Path, dst: Path, resolution: int, head: str) -> dict:
+    """A ready YOLOv8 ONNX is used as it is: read its head layout and size from the graph."""
+    import onnx
+
+    graph = onnx.load(str(src)).graph
+    dims = lambda v: [d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
+    outputs = [dims(o) for o in graph.output]
+    found = "ultralytics" if len(outputs) == 1 else "rknn" if len(outputs) == 9 else None
+    if found is None:
+        raise UnsupportedCombination(f"{src.name} has {len(outputs)} outputs: expected 1 (official head) or 9 (rknn_model_zoo head)")
+    if found != head:
+        raise UnsupportedCombination(f"{src.name} has the {found} head: set export={found}")
+    size = dims(graph.input[0])[-1]
+    if size != resolution:
+        raise UnsupportedCombination(f"{src.name} takes {size} px input: set resolution={size}")
+    nc = outputs[0][1] - 4 if found == "ultralytics" else outputs[1][1]
+    dst.write_bytes(src.read_bytes())
+    return {"head": found, "num_classes": nc, "names": [str(i) for i in range(nc)], "reg_max": 16,
+            "input_name": graph.input[0].name, "output_names": [o.name for o in graph.output]}
+
+
 def export(model: ModelConfig, resolution: int, head: str, activation: str, cache: StageCache) -> Artifact:
     from rkbench.models import heads
 
@@ -45,11 +66,12 @@ def export(model: ModelConfig, resolution: int, head: str, activation: str, cach
                 info["anchors"] = anchors.tolist()
                 if info.get("imgsz") and info["imgsz"] != resolution:
                     raise UnsupportedCombination(f"the YOLOv5 ONNX has a fixed {info['imgsz']} px input: set resolution={info['imgsz']} or re-export it at {resolution}")
-            else:
-                source = model.weights or model.yaml or model.onnx
-                info = heads.export_yolov8_onnx(str(resolve_path(source)) if not model.yaml else model.yaml,
-                                                out, imgsz=resolution, head=head, activation=activation,
+            elif model.weights or model.yaml:
+                source = str(resolve_path(model.weights)) if model.weights else model.yaml
+                info = heads.export_yolov8_onnx(source, out, imgsz=resolution, head=head, activation=activation,
                                                 opset=model.opset)
+            else:
+                info = adopt_yolov8_onnx(resolve_path(model.onnx), out, resolution, head)
         except (UnsupportedCombination, StageError):
             raise
         except Exception as exc:  # torch / onnx errors come in many types; all mean this export failed

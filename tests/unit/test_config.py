@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rkbench.__main__ import CONF_DIR, compose_all
+from rkbench.cli import CONF_DIR, compose_all
 from rkbench.config import RunConfig, flatten, register, to_run_config, toolkit_platforms
 from rkbench.errors import ConfigError, RkbenchError, UnsupportedCombination
 

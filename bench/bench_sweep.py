@@ -1,0 +1,56 @@
+"""Cold vs warm sweep, measured side by side in one run.
+
+    python bench/bench_sweep.py [--images 16] [--sweep "resolution=320,640 algo=normal,kl_divergence"]
+
+1. cold: empty cache, empty MLflow store -> every export, conversion and evaluation runs;
+2. warm, resume: the same command again -> FINISHED configurations are skipped via MLflow;
+3. warm, resume=false: every configuration runs again, every stage is a cache hit.
+Each is a fresh `python -m rkbench` process, so start-up (imports, Hydra, MLflow) is included."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return elapsed, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=16, help="evaluation images per configuration")
+    ap.add_argument("--sweep", default="resolution=320,640 algo=normal,kl_divergence")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = [sys.executable, "-m", "rkbench", "-m", *args.sweep.split(), f"dataset.limit={args.images}",
+                f"cache_dir={work / 'cache'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+        # The demo dataset is generated once up front so that the cold run times the pipeline only.
+        subprocess.run([sys.executable, "-c", "from rkbench.data.demo import demo_dataset; from pathlib import Path; "
+                        f"demo_dataset(Path({str(work / 'cache' / 'datasets' / 'demo')!r}))"], cwd=ROOT, check=True)
+        cold, out_cold = timed(base, ROOT)
+        resume, out_resume = timed(base, ROOT)
+        rerun, out_rerun = timed(base + ["resume=false"], ROOT)
+    n = out_cold.count("FINISHED")
+    print(f"sweep: {args.sweep} ({n} configurations, {args.images} images each, host {sys.platform})")
+    print(f"cold (all stages run)            {cold:8.1f} s")
+    print(f"warm, resume (skipped in MLflow) {resume:8.1f} s   cold/warm = {cold / resume:6.1f}x")
+    print(f"warm, resume=false (cache hits)  {rerun:8.1f} s   cold/warm = {cold / rerun:6.1f}x")
+    print(f"conversions: cold {out_cold.count('convert:miss')}, resume {out_resume.count('convert:miss')}, "
+          f"resume=false {out_rerun.count('convert:miss')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""End to end through the real entry point: Hydra composes conf/, the real exporter, rknn-toolkit2 and its
+simulator, ONNX Runtime, pycocotools and MLflow (sqlite in tmp_path). Small: 6 images, 96-128 px."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rkbench.__main__ import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+def common(workdir) -> list[str]:
+    return [f"cache_dir={workdir / 'cache'}", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+            "tracking.experiment=it", "dataset.limit=6", "calib.size=4"]
+
+
+def runs(workdir, kind: str = "config"):
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("it")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`rkbench.kind` = '{kind}'")
+
+
+def test_single_run_logs_quantized_and_float_accuracy(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    assert main(common(workdir) + ["resolution=128"]) == 0
+    out = capsys.readouterr().out
+    assert "Neither is NPU latency" in out
+    [run] = runs(workdir)
+    m, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED"
+    for key in ("eval/map50_95", "eval/map50", "eval_float/map50_95", "counts/c0.25/gt", "convert/build_s",
+                "latency/simulator_infer_ms_p50", "latency/host_infer_ms_p50"):
+        assert key in m, key
+    assert m["counts/c0.25/gt"] > 0
+    assert 0.0 <= m["eval/map50_95"] <= 1.0
+    assert tags["rkbench.device_kind"] == "simulator"
+    assert "not NPU latency" in tags["rkbench.measure"]
+    assert tags["versions.rknn-toolkit2"] == "2.5.0"
+    assert run.data.params["resolution"] == "128"
+
+
+def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    sweep = common(workdir) + ["-m", "resolution=96,128", "export=rknn,ultralytics"]
+    assert main(sweep) == 1                      # the official head fails to convert: exit says so
+    children = runs(workdir)
+    parents = runs(workdir, "sweep")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    in_sweep = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    # resolution=128 export=rknn was FINISHED by the single run above: skipped, not run again
+    assert len(in_sweep) == 3
+    failed = [r for r in in_sweep if r.info.status == "FAILED"]
+    assert len(failed) == 2
+    for r in failed:
+        assert r.data.params["export"] == "ultralytics"
+        assert "rknn-toolkit2 2.5.0" in r.data.tags["rkbench.error"]
+        assert "export=rknn" in r.data.tags["rkbench.hint"]
+    assert "FAILED" in capsys.readouterr().out
+
+    # Same command again: finished configurations are skipped; failed ones fail from the cache.
+    assert main(sweep) == 1
+    out = capsys.readouterr().out
+    assert out.count("SKIPPED") == 2
+    assert "convert:miss" not in out and "export:miss" not in out
+
+
+def test_rerun_without_resume_hits_every_stage(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    assert main(common(workdir) + ["resolution=128", "resume=false"]) == 0
+    out = capsys.readouterr().out
+    assert "convert:hit" in out and "export:hit" in out and "evaluate:hit" in out
+    assert "miss" not in out.split("cache")[-1]
+
+
+def test_report_from_mlflow(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert main(["report", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--experiment", "it",
+                 "--out", str(workdir / "reports"), "--no-plots"]) == 0
+    [md] = list((workdir / "reports").glob("*.md"))
+    text = md.read_text()
+    assert "map50_95" in text and "ultralytics" in text and "export=rknn" in text
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["resolution=100"], "multiple of 32"),
+    (["-m", "resolution=96,100"], "multiple of 32"),
+    (["platform=rk9999"], "platform"),
+    (["batch=3", "core_mask=1"], "falls back to auto"),
+])
+def test_bad_input_fails_before_any_work(workdir, monkeypatch, capsys, overrides, fragment):
+    monkeypatch.chdir(workdir)
+    assert main(common(workdir) + overrides) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+
+
+def test_corrupt_weights_and_empty_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    base = [f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    assert main(base + ["model=yolov8", f"model.weights={bad}"]) == 2
+    assert "not a PyTorch checkpoint" in capsys.readouterr().err
+    bad_onnx = tmp_path / "x.onnx"
+    bad_onnx.write_bytes(b"\x08\x07garbage")
+    assert main(base + [f"model.onnx={bad_onnx}", "model.weights=null"]) == 2
+    assert "ONNX" in capsys.readouterr().err
+    empty = tmp_path / "data"
+    (empty / "images" / "val").mkdir(parents=True)
+    (empty / "data.yaml").write_text("path: .\ntrain: images/val\nval: images/val\nnames: {0: a}\n")
+    assert main(base + ["dataset=yolo", f"dataset.root={empty / 'data.yaml'}"]) == 2
+    assert "image" in capsys.readouterr().err
