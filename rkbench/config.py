@@ -71,12 +71,21 @@ class EvalConfig:
     float_reference: bool = True            # also score the float ONNX with ONNX Runtime
 
 
+BOARD_MODES = ("latency", "eval", "throughput", "tiling")
+
+
 @dataclass
 class MeasureConfig:
-    warmup: int = 2                         # host/simulator: first timed calls left out of the stats
-    iterations: int = 20                    # board latency mode
-    min_seconds: float = 2.0
-    threads: int = 1                        # board throughput workers
+    warmup: int = 2                         # timed calls left out of the stats (host, simulator, board)
+    iterations: int = 20                    # board latency mode: at least this many iterations ...
+    min_seconds: float = 2.0                # ... and at least this long
+    modes: list[str] = field(default_factory=lambda: ["latency", "eval"])   # on the board
+    workers: int = 3                        # throughput mode: pool size (one runtime per worker)
+    cores: str = "0_1_2"                    # throughput mode: NPU core of each worker, round robin
+    frames: int = 30                        # throughput / tiling: frames to push through
+    tile_frame: list[int] = field(default_factory=lambda: [1920, 1080])   # tiling mode: frame W, H
+    tile_overlap: float = 0.2
+    toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
 
 
 @dataclass
@@ -227,6 +236,11 @@ def validate(run: RunConfig) -> None:
 
     if run.target == "board" and not (run.board.serial or run.board.address):
         raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
+    for mode in run.measure.modes:
+        _choice("measure.modes", mode, BOARD_MODES)
+    _choice("board.runtime", run.board.runtime, ("rknnlite", "onnxruntime"))
+    if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
+        raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:
         raise ConfigError("eval.conf must be in [0, 1) and eval.iou in (0, 1]")
 
