@@ -96,9 +96,10 @@ def _latency(ev: Evaluation, warmup: int, batch: int) -> tuple[dict[str, float],
     return metrics, how
 
 
-def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callable[[Path, str], None]
-            ) -> tuple[dict[str, float], dict[str, str]]:
-    """The stages of one configuration. Returns (metrics, tags)."""
+def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callable[[Path, str], None],
+            record: Callable[[dict[str, float], dict[str, str]], None]) -> tuple[dict[str, float], dict[str, str]]:
+    """The stages of one configuration. Returns (metrics, tags); `record` logs partial results at once
+    (board modes), so a later failure loses nothing already measured."""
     from rkbench.runtimes.backends import make_runtime
     from rkbench.runtimes.simulator import SimulatorRuntime
 
@@ -155,14 +156,17 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
                 host_latency.append(how)
                 attach(ev.artifact.path, "detections")
             else:
-                raise StageError("measure", "target=board is not wired into the pipeline yet", "use target=simulator")
+                from rkbench.stages.board import run_on_board
+                board_metrics, board_tags = run_on_board(run, onnx, rknn_art, decoder, dataset, cache.root, attach, record)
+                metrics.update(board_metrics)
+                tags.update(board_tags)
         finally:
             if live is not None:   # built for nothing (evaluation came from the cache)
                 live.release()
 
-    tags["rkbench.device_kind"] = "simulator" if run.target == "simulator" else "host"
-    tags["rkbench.runtime"] = {"simulator": "rknn-simulator", "onnxruntime": "onnxruntime"}.get(run.target, run.target)
-    tags["rkbench.measure"] = " | ".join(host_latency)
+    tags.setdefault("rkbench.device_kind", "simulator" if run.target == "simulator" else "host")
+    tags.setdefault("rkbench.runtime", {"simulator": "rknn-simulator", "onnxruntime": "onnxruntime"}.get(run.target, run.target))
+    tags["rkbench.measure"] = " | ".join(host_latency + ([tags["rkbench.measure"]] if "rkbench.measure" in tags else []))
     tags["rkbench.host"] = f"{host_platform.node()} {host_platform.machine()} {host_platform.processor() or ''}".strip()
     return metrics, tags
 
@@ -223,8 +227,12 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         if tracker and path.exists():
             tracker.artifact(run_id, path, subdir)
 
+    def record(metrics: dict[str, float], tags: dict[str, str]) -> None:
+        if tracker:
+            tracker.log(run_id, metrics, tags=tags)
+
     try:
-        metrics, tags = execute(run_cfg, dataset, cache, attach)
+        metrics, tags = execute(run_cfg, dataset, cache, attach, record)
         outcome = Outcome("FINISHED", run_id, name, metrics)
         if tracker:
             tracker.log(run_id, metrics, tags=dict(tags, **{"rkbench.status": "FINISHED",
