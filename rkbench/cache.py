@@ -44,6 +44,12 @@ class Entry:
     def meta(self) -> dict:
         return json.loads((self.dir / "meta.json").read_text())
 
+    @property
+    def failure(self) -> dict | None:
+        """A recorded deterministic failure (detail, hint), or None."""
+        path = self.dir / "failure.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
 
 class StageCache:
     def __init__(self, root: Path):
@@ -53,7 +59,7 @@ class StageCache:
 
     def lookup(self, stage: str, key: str) -> Entry:
         d = self.root / stage / key[:16]
-        hit = (d / "meta.json").exists()
+        hit = (d / "meta.json").exists() or (d / "failure.json").exists()
         (self.hits if hit else self.misses).append(stage)
         log.info("cache %s %s %s", "hit " if hit else "miss", stage, key[:16])
         return Entry(stage, key, d, hit)
@@ -64,6 +70,11 @@ class StageCache:
             shutil.rmtree(entry.dir)
         entry.dir.mkdir(parents=True)
         return entry.dir
+
+    def fail(self, entry: Entry, detail: str, hint: str) -> None:
+        """Remember a deterministic failure so a re-run does not redo the work to fail again."""
+        entry.dir.mkdir(parents=True, exist_ok=True)
+        (entry.dir / "failure.json").write_text(json.dumps({"detail": detail, "hint": hint}))
 
     def commit(self, entry: Entry, outputs: dict[str, str], info: dict[str, Any]) -> dict:
         """Record the outputs (file names inside the entry dir) with their hashes; meta.json last."""

@@ -37,7 +37,8 @@ def compose_all(argv: list[str]) -> list[RunConfig]:
         combos = [overrides]
         if "-m" in argv or "--multirun" in argv:
             # Like Hydra's basic sweeper: hydra.sweeper.params (from an experiment) first, the command line wins.
-            base = compose("config", overrides=overrides, return_hydra_config=True)
+            fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+            base = compose("config", overrides=fixed, return_hydra_config=True)
             declared = {k: str(v) for k, v in (base.hydra.sweeper.get("params") or {}).items()}
             given = {o.split("=", 1)[0] for o in overrides}
             swept = [f"{k}={v}" for k, v in declared.items() if k not in given] + overrides
@@ -87,7 +88,7 @@ def check_model_file(path: Path) -> None:
                 raise DataError(f"{path} is not a PyTorch checkpoint (truncated or wrong file?): re-export or copy it again")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_entry(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN

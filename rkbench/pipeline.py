@@ -127,6 +127,7 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
         lat, how = _latency(ref, run.measure.warmup, 1)
         metrics.update(lat)
         host_latency.append(how)
+        record(dict(ref.metrics, **lat), {})  # kept even if the conversion below fails
         if prefix == "eval":
             attach(ref.artifact.path, "detections")
 

@@ -34,9 +34,11 @@ class SimulatorRuntime(Runtime):
             rknn.release()
             raise StageError("evaluate", f"rknn simulator init_runtime returned {ret}", "check the toolkit log; the simulator needs the model built in this process")
         self._rknn = rknn
+        self._log = log_path or Path(os.devnull)
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        outputs = self._rknn.inference(inputs=[np.ascontiguousarray(batch)], data_format="nhwc")
+        with captured_output(self._log):  # the simulator prints progress bars on its first calls
+            outputs = self._rknn.inference(inputs=[np.ascontiguousarray(batch)], data_format="nhwc")
         if outputs is None:
             raise StageError("evaluate", "rknn simulator inference returned None", "see the toolkit log above")
         return [np.asarray(o, dtype=np.float32) for o in outputs]

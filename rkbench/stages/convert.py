@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import logging
 import os
 import re
@@ -50,7 +49,8 @@ def _errors_from_log(log_path: Path, limit: int = 6) -> str:
     if not log_path.exists():
         return ""
     text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(errors="replace"))
-    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*E\b", ln) or "Error" in ln]
+    lines = [ln.strip() for ln in text.splitlines()
+             if (re.match(r"^\s*E\b", ln) or "Error" in ln) and not re.search(r"Traceback|toolkit2 version", ln)]
     if not lines:  # no error line: the last thing the toolkit said is the best clue
         lines = text.strip().splitlines()[-1:]
     return " | ".join(dict.fromkeys(lines))[-1500:]
@@ -136,13 +136,12 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
     key = stage_key("convert", onnx=onnx.sha256, opts=asdict(opts), mean=MEAN, std=STD, resolution=resolution,
                     calib=calib_hash if opts.quantize else None, toolkit=toolkit_version())
     entry = cache.lookup("convert", key)
+    # The toolkit is deterministic: a failure is kept too, so a re-run does not convert again to fail again.
+    if entry.failure:
+        raise StageError("convert", f"{entry.failure['detail']} (cached failure: delete {entry.dir} to retry)",
+                         entry.failure["hint"])
     if entry.hit:
         return from_cache(entry, "rknn"), None
-    # The toolkit is deterministic: a failure is kept too, so a re-run does not convert again to fail again.
-    failure = entry.dir / "failure.json"
-    if failure.exists():
-        known = json.loads(failure.read_text())
-        raise StageError("convert", f"{known['detail']} (cached failure: delete {entry.dir} to retry)", known["hint"])
     work = cache.begin(entry)
     hint = ("the official Ultralytics head does not build on rknn-toolkit2 2.x: use export=rknn"
             if head == "ultralytics" else "see convert.log in the run's artifacts")
@@ -158,7 +157,7 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
             rknn.release()
             raise StageError("convert", f"export_rknn failed: {_errors_from_log(work / 'convert.log')}", hint)
     except StageError as err:
-        failure.write_text(json.dumps({"detail": err.detail, "hint": err.hint}))
+        cache.fail(entry, err.detail, err.hint)
         raise
     info = dict(onnx.info, build_s=round(build_s, 3), toolkit=toolkit_version(), options=asdict(opts),
                 mean=MEAN, std=STD, rknn_bytes=out.stat().st_size)
