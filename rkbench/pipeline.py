@@ -65,21 +65,10 @@ SWEEP: Optional[Sweep] = None
 def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
     if cfg.kind == "demo":
         from rkbench.data.demo import demo_dataset
-        ds = demo_dataset(Path(cfg.root) if cfg.root else cache_root / "datasets" / "demo")
-        return _limited(ds, cfg.limit)
+        return demo_dataset(Path(cfg.root) if cfg.root else cache_root / "datasets" / "demo", limit=cfg.limit)
     if cfg.kind == "coco":
         return load_coco(resolve_path(cfg.annotations), resolve_path(cfg.images), cfg.limit)
     return load_yolo(resolve_path(cfg.root), cfg.split, cfg.limit)
-
-
-def _limited(ds: Dataset, limit: Optional[int]) -> Dataset:
-    if limit is None or limit >= len(ds.images):
-        return ds
-    keep = sorted(ds.images, key=lambda r: r.id)[:limit]
-    ids = {r.id for r in keep}
-    gt = dict(ds.coco_gt, images=[i for i in ds.coco_gt["images"] if i["id"] in ids],
-              annotations=[a for a in ds.coco_gt["annotations"] if a["image_id"] in ids])
-    return Dataset(ds.name, keep, ds.class_names, ds.category_ids, gt)
 
 
 def run_name(run: RunConfig, ctx: RunContext) -> str:

@@ -221,7 +221,7 @@ def _marker_ok(root: Path, n_val: int, seed: int) -> bool:
     return m.get("version") == GENERATOR_VERSION and m.get("n_val") == n_val and m.get("seed") == seed
 
 
-def demo_dataset(root: Path, n_val: int = 48, seed: int = 0) -> Dataset:
+def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:
     """The demo val split under root, generated on first use (into a temp folder, then renamed into place,
     so concurrent runs and interrupted generations never see a half-written dataset)."""
     root = Path(root).resolve()
@@ -245,6 +245,6 @@ def demo_dataset(root: Path, n_val: int = 48, seed: int = 0) -> Dataset:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    ds = load_coco(root / "annotations" / "instances_val.json", root / "images" / "val")
+    ds = load_coco(root / "annotations" / "instances_val.json", root / "images" / "val", limit)
     ds.name = "demo"
     return ds
