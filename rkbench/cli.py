@@ -146,6 +146,8 @@ def run_sweep(argv: list[str]) -> int:
             return 2
     OUTCOMES.clear()
     pipeline.SWEEP = None
-    sys.argv = [sys.argv[0]] + argv
+    # Hydra's argparse wants its flags before the overrides; users put -m anywhere.
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    sys.argv = [sys.argv[0]] + flags + [a for a in argv if a not in flags]
     hydra_entry()
     return finish_sweep()

@@ -277,8 +277,29 @@ def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
     return "\n".join(lines)
 
 
+# Hydra-style keys (as in `python -m rkbench target=board board.address=...`) -> doctor options
+HYDRA_KEYS = {"board.serial": "--serial", "board.address": "--address", "board.adb_host": "--adb-host",
+              "board.adb_port": "--adb-port", "board.remote_root": "--remote-root", "platform": "--platform"}
+
+
+def hydra_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`board.address=IP:5555` -> `--address IP:5555`, so the sweep's own overrides work here too."""
+    out: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            out.append(arg)
+        elif key.lstrip("+") in HYDRA_KEYS:
+            out += [HYDRA_KEYS[key.lstrip("+")], value]
+        else:
+            parser.error(f"{key} is not a doctor setting: use {', '.join(k + '=...' for k in HYDRA_KEYS)}")
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rkbench doctor", description="Check a board for rkbench.")
+    parser = argparse.ArgumentParser(prog="python -m rkbench doctor", description="Check a board for rkbench.",
+                                     epilog="Hydra-style settings work too: board.address=IP:5555 board.serial=S "
+                                            "board.adb_host=H board.adb_port=P board.remote_root=DIR platform=rk3588")
     parser.add_argument("--serial", help="adb serial (USB)")
     parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
     parser.add_argument("--adb-host", default="127.0.0.1")
@@ -286,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), parser))
     try:
         transport = AdbTransport(args.serial, args.address, args.adb_host, args.adb_port)
         facts = probe(transport, args.host_toolkit or host_toolkit_version(), remote_root=args.remote_root)
