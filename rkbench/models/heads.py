@@ -153,7 +153,8 @@ def cut_yolov5_onnx(src: Path, dst: Path, output_names: Optional[list[str]] = No
         raise DataError(f"{src} is not a readable ONNX file ({type(exc).__name__}): re-export it") from None
     names = list(output_names) if output_names else find_yolov5_head(model)
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    cut = onnx.utils.Extractor(model).extract_model(inputs, names)
+    # Extractor looks the cut tensors up in value_info, which only shape inference fills in.
+    cut = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs, names)
     onnx.save(cut, str(dst))
     shapes = _shapes(cut)
     channels = shapes[names[0]][1]
