@@ -25,7 +25,9 @@ class LetterboxInfo:
 def load_rgb(path) -> np.ndarray:
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # imdecode, not imread: Ultralytics replaces cv2.imread on import with a version that tries to
+    # pip-install pi-heif when a file does not decode.
+    img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"cannot read image {path}: check the file exists and is a valid image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -116,8 +118,9 @@ def decode_yolov5(outputs: Sequence[np.ndarray], anchors: np.ndarray, num_classe
     return np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_scores).astype(np.float32)
 
 
-def nms(boxes: Boxes, scores: np.ndarray, iou_thr: float) -> np.ndarray:
-    """Greedy NMS; keep indices in score-descending order."""
+def nms(boxes: Boxes, scores: np.ndarray, iou_thr: float, limit: int = 0) -> np.ndarray:
+    """Greedy NMS; keep indices in score-descending order; stop after `limit` kept (0 = no limit),
+    which bounds the loop when thousands of low-score candidates survive a 0.001 threshold."""
     order = np.argsort(-scores, kind="stable")
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
@@ -125,6 +128,8 @@ def nms(boxes: Boxes, scores: np.ndarray, iou_thr: float) -> np.ndarray:
     while order.size:
         i = order[0]
         keep.append(int(i))
+        if len(keep) == limit:
+            break
         rest = order[1:]
         iw = np.maximum(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0)
         ih = np.maximum(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0)
@@ -145,7 +150,7 @@ def select(boxes: Boxes, scores: np.ndarray, conf_thr: float, iou_thr: float, ma
         top = np.argsort(-c)[:30000]
         b, c, k = b[top], c[top], k[top]
     offset = float(max(b.max(), 1.0)) + 1.0 if len(b) else 0.0
-    keep = nms(b + (k[:, None] * offset).astype(np.float32), c, iou_thr)[:max_det]
+    keep = nms(b + (k[:, None] * offset).astype(np.float32), c, iou_thr, limit=max_det)
     return b[keep], c[keep], k[keep]
 
 
