@@ -42,6 +42,10 @@ try:
     import backends  # type: ignore[no-redef]
 except ImportError:
     from rkbench.runtimes import backends
+try:
+    import stats  # type: ignore[no-redef]
+except ImportError:
+    from rkbench import stats
 
 RUNNER_VERSION = "1"
 SCHEMA_VERSION = 1
@@ -126,16 +130,7 @@ def read_anchors(path: Optional[str]) -> Optional[np.ndarray]:
 
 # ----------------------------------------------------------------------------------------- statistics
 
-def summarize(values: Sequence[float]) -> Dict[str, float]:
-    """count / min / p50 / p90 / p99 / mean / std / cv (the keys of rkbench.stats.summarize)."""
-    a = np.asarray(values, dtype=np.float64)
-    if a.size == 0:
-        return {"count": 0.0}
-    mean = float(a.mean())
-    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    return {"count": float(a.size), "min": float(a.min()), "p50": float(np.percentile(a, 50)),
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "mean": mean, "std": std,
-            "cv": std / mean if mean > 0 else 0.0}
+summarize = stats.summarize  # one definition of the statistics, shared with the host
 
 
 PARTS = ("pre", "infer", "post")

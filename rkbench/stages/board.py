@@ -100,7 +100,10 @@ def bundle_files() -> dict[str, Path]:
     from rkbench.device import runner
     from rkbench.models import prepost
     from rkbench.runtimes import backends
-    return {"runner": Path(runner.__file__), "prepost": Path(prepost.__file__), "backends": Path(backends.__file__)}
+    from rkbench import stats
+
+    return {"runner": Path(runner.__file__), "prepost": Path(prepost.__file__), "backends": Path(backends.__file__),
+            "stats": Path(stats.__file__)}
 
 
 def write_local(folder: Path, name: str, text: str) -> Path:
@@ -140,7 +143,7 @@ def path_groups(files: dict[str, Path], remote_root: str, budget: int = COMMAND_
 class Deployed:
     model: str
     runner: str
-    pythonpath: str            # board dirs of prepost.py and backends.py
+    pythonpath: str            # board dirs of prepost.py, backends.py and stats.py
     images: str                # images list: image_id<TAB>path relative to the list
     anchors: Optional[str]
     pushed: int = 0
@@ -175,7 +178,7 @@ def deploy_inputs(transport: Transport, run: RunConfig, model: Path, decoder: De
     local["images"] = write_local(work, "images.txt", listing)
     place({"images": local["images"]})
     return Deployed(model=paths["model"], runner=paths["runner"],
-                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(paths[k]) for k in ("prepost", "backends"))),
+                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(paths[k]) for k in ("prepost", "backends", "stats"))),
                     images=paths["images"], anchors=paths.get("anchors"), pushed=len(pushed), skipped=len(skipped),
                     pushed_bytes=sum(local[n].stat().st_size for n in pushed), seconds=time.perf_counter() - t0)
 

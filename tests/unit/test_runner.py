@@ -1,5 +1,5 @@
 """The on-device runner, run the way a board runs it: as a script in a flat folder holding only runner.py,
-prepost.py and backends.py (rkbench itself made unimportable), with ONNX Runtime on a tiny model whose
+prepost.py, backends.py and stats.py (rkbench itself made unimportable), with ONNX Runtime on a tiny model whose
 outputs have the RKNN head layout, so letterbox, DFL decode, NMS and tiling all run for real."""
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def board(tmp_path_factory) -> Board:
     root = tmp_path_factory.mktemp("board")
     flat = root / "rkbench"
     flat.mkdir()
-    for module in (runner, runner.prepost, backends):    # the prepost the runner itself imported
+    for module in (runner, runner.prepost, backends, runner.stats):    # the modules the runner itself imported
         shutil.copy(module.__file__, flat / Path(module.__file__).name)
-    assert sorted(p.name for p in flat.iterdir()) == ["backends.py", "prepost.py", "runner.py"]
+    assert sorted(p.name for p in flat.iterdir()) == ["backends.py", "prepost.py", "runner.py", "stats.py"]
     make_rknn_head_model(flat / "model.onnx", size=SIZE, num_classes=3)
     (flat / "img").mkdir()
     write_images(flat / "img")
