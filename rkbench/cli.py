@@ -20,6 +20,7 @@ from rkbench.errors import DataError, RkbenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 OUTCOMES: list[pipeline.Outcome] = []
+SWEPT: list[str] = []  # the keys a multirun sweeps over, recorded on its parent MLflow run
 log = logging.getLogger("rkbench")
 
 register()
@@ -43,6 +44,7 @@ def compose_all(argv: list[str]) -> list[RunConfig]:
             given = {o.split("=", 1)[0] for o in overrides}
             swept = [f"{k}={v}" for k, v in declared.items() if k not in given] + overrides
             parsed = OverridesParser.create().parse_overrides(swept)
+            SWEPT[:] = sorted(o.get_key_element().lstrip("+") for o in parsed if o.is_sweep_override())
             combos = BasicSweeper.split_arguments(parsed, None)[0]
         for combo in combos:
             try:
@@ -93,7 +95,8 @@ def hydra_entry(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     ctx = pipeline.RunContext(multirun=multirun, sweep_id=hc.sweep.dir if multirun else hc.run.dir,
-                              overrides=list(hc.overrides.task), job=hc.job.num if multirun else 0)
+                              overrides=list(hc.overrides.task), job=hc.job.num if multirun else 0,
+                              swept=list(SWEPT))
     outcome = pipeline.run(to_run_config(cfg), ctx)
     OUTCOMES.append(outcome)
     return outcome.metrics.get("eval/map50_95", math.nan)  # what a sweeper (e.g. optuna) would optimise

@@ -24,7 +24,7 @@ from rkbench.stages.evaluate import Decoder, Evaluation, evaluate
 from rkbench.stages.export import export
 from rkbench.stages.simplify import simplify
 from rkbench.stats import summarize
-from rkbench.tracking import Tracker, fingerprint, git_sha, versions
+from rkbench.tracking import NON_SEMANTIC, Tracker, fingerprint, git_sha, versions
 
 log = logging.getLogger("rkbench")
 
@@ -37,6 +37,7 @@ class RunContext:
     sweep_id: str = ""
     overrides: list[str] = field(default_factory=list)
     job: int = 0
+    swept: list[str] = field(default_factory=list)   # keys with sweep values (resolution=320,640 -> resolution)
 
 
 @dataclass
@@ -72,7 +73,7 @@ def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
 
 
 def run_name(run: RunConfig, ctx: RunContext) -> str:
-    axes = [o for o in ctx.overrides if not o.startswith(("tracking.", "cache_dir", "+experiment", "hydra."))]
+    axes = [o for o in ctx.overrides if not o.startswith(NON_SEMANTIC + ("+experiment", "hydra."))]
     return f"{run.model.name}" + (f" {' '.join(axes)}" if axes else f" {run.resolution}px {run.algo} {run.target}")
 
 
@@ -179,11 +180,9 @@ def ensure_sweep(ctx: RunContext, tracker: Optional[Tracker], run: RunConfig) ->
         if tracker:
             parent = tracker.start(f"sweep {Path(ctx.sweep_id).name or ctx.sweep_id}",
                                    {"rkbench.kind": "sweep", "rkbench.study": run.study,
-                                    "rkbench.sweep_dir": ctx.sweep_id, "rkbench.git_sha": git_sha()})
+                                    "rkbench.sweep_dir": ctx.sweep_id, "rkbench.git_sha": git_sha(),
+                                    "rkbench.swept": ",".join(ctx.swept)})
         SWEEP = Sweep(ctx.sweep_id, parent, tracker)
-    if SWEEP.tracker and SWEEP.parent_id:
-        keys = sorted({o.split("=", 1)[0].lstrip("+") for o in ctx.overrides if "=" in o})
-        SWEEP.tracker.log(SWEEP.parent_id, tags={"rkbench.swept": ",".join(keys)})
     return SWEEP
 
 

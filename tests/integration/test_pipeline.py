@@ -53,6 +53,7 @@ def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
     children = runs(workdir)
     parents = runs(workdir, "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert parents[0].data.tags["rkbench.swept"] == "export,resolution"
     in_sweep = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     # resolution=128 export=rknn was FINISHED by the single run above: skipped, not run again
     assert len(in_sweep) == 3
