@@ -118,3 +118,44 @@ def test_corrupt_weights_and_empty_dataset(tmp_path, monkeypatch, capsys):
     (empty / "data.yaml").write_text("path: .\ntrain: images/val\nval: images/val\nnames: {0: a}\n")
     assert main(base + ["dataset=yolo", f"dataset.root={empty / 'data.yaml'}"]) == 2
     assert "image" in capsys.readouterr().err
+
+
+def _single(tmp_path, *overrides: str):
+    """One run in its own store; returns the MLflow run."""
+    base = [f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "tracking.experiment=one",
+            "calib.size=2"]
+    assert main(base + list(overrides)) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("one").experiment_id])
+    return run
+
+
+def test_yolo_folder_dataset_scores_like_the_coco_json(tmp_path, monkeypatch):
+    """The demo split read as Ultralytics folders (data.yaml, images/, labels/) gives the COCO-json mAP."""
+    from rkbench.data.demo import generate_demo
+
+    monkeypatch.chdir(tmp_path)
+    data_yaml = generate_demo(tmp_path / "shapes", n_train=0, n_val=6)
+    as_yolo = _single(tmp_path / "a", "dataset=yolo", f"dataset.root={data_yaml}", "target=onnxruntime", "resolution=128")
+    as_coco = _single(tmp_path / "b", "dataset=coco", f"dataset.annotations={tmp_path / 'shapes/annotations/instances_val.json'}",
+                      f"dataset.images={tmp_path / 'shapes/images/val'}", "target=onnxruntime", "resolution=128")
+    assert as_yolo.data.metrics["eval/map50_95"] == pytest.approx(as_coco.data.metrics["eval/map50_95"], abs=1e-6)
+    assert as_yolo.data.metrics["eval/map50_95"] > 0.2
+
+
+def test_yolov5_onnx_is_cut_converted_and_simulated(tmp_path, monkeypatch):
+    from tests.fixtures.yolov5 import export_tiny_yolov5
+
+    monkeypatch.chdir(tmp_path)
+    onnx_path = export_tiny_yolov5(tmp_path / "yolov5_tiny.onnx", size=64, nc=4)
+    run = _single(tmp_path, "model=yolov5", f"model.onnx={onnx_path}", "resolution=64", "dataset.limit=3")
+    assert run.info.status == "FINISHED" and "eval/map50_95" in run.data.metrics   # random weights: mAP ~0
+    assert run.data.metrics["convert/build_s"] > 0
+
+
+def test_fp16_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _single(tmp_path, "quantize=false", "resolution=96", "dataset.limit=4")
+    m = run.data.metrics
+    # fp16 on the simulator tracks the float reference closely (int8 may not)
+    assert abs(m["eval/map50_95"] - m["eval_float/map50_95"]) < 0.02

@@ -6,12 +6,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-import torch.nn as nn
 
 from rkbench.config import resolve_path
 from rkbench.errors import DataError
 from rkbench.models import heads, prepost
+from tests.fixtures.yolov5 import export_tiny_yolov5
 
 DEMO = str(resolve_path("builtin:demo_yolov8n.pt"))
 
@@ -69,37 +68,8 @@ def test_corrupt_weights_raise_data_error(tmp_path):
         heads.export_yolov8_onnx(str(bad), tmp_path / "x.onnx", 64, "rknn")
 
 
-class TinyYolov5(nn.Module):
-    """The graph pattern the yolov5 repo exports: 3 head convs -> view/permute/sigmoid -> grid/anchor decode."""
-
-    def __init__(self, nc=2, anchors=heads.COCO_ANCHORS * 0.5):
-        super().__init__()
-        self.nc, self.no, self.na = nc, nc + 5, 3
-        self.stem = nn.ModuleList([nn.Conv2d(3, 8, 3, s, 1) for s in (8, 16, 32)])
-        self.m = nn.ModuleList([nn.Conv2d(8, self.na * self.no, 1) for _ in range(3)])
-        self.strides = (8, 16, 32)
-        self.anchors = torch.tensor(anchors, dtype=torch.float32)
-
-    def forward(self, x):
-        z = []
-        for i in range(3):
-            p = self.m[i](self.stem[i](x))
-            bs, _, ny, nx = p.shape
-            p = p.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous().sigmoid()
-            yv, xv = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-            grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).float() - 0.5
-            anchor_grid = self.anchors[i].view(1, self.na, 1, 1, 2).expand(1, self.na, ny, nx, 2).clone()
-            xy = (p[..., :2] * 2 + grid) * self.strides[i]
-            wh = (p[..., 2:4] * 2) ** 2 * anchor_grid
-            z.append(torch.cat((xy, wh, p[..., 4:]), -1).view(bs, -1, self.no))
-        return torch.cat(z, 1)
-
-
 def test_yolov5_cut_and_decode_match_the_full_graph(tmp_path):
-    torch.manual_seed(0)
-    net = TinyYolov5().eval()
-    full = tmp_path / "v5.onnx"
-    torch.onnx.export(net, torch.zeros(1, 3, 64, 64), str(full), opset_version=12, input_names=["images"])
+    full = export_tiny_yolov5(tmp_path / "v5.onnx")
     info = heads.cut_yolov5_onnx(full, tmp_path / "cut.onnx")
     assert info["num_classes"] == 2 and info["imgsz"] == 64 and len(info["output_names"]) == 3
     anchors = heads.yolov5_anchors(full, None)
