@@ -84,7 +84,8 @@ def image_size(path: Path) -> tuple[int, int]:
                 w, h = h, w
     except FileNotFoundError as e:
         raise DataError(f"image not found: {path}: check the image folder / file names in the annotations") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    # ImportError: with Ultralytics imported, Image.open is patched to load pi-heif for files PIL cannot identify
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as e:
         raise DataError(f"unreadable image {path} ({type(e).__name__}): replace or remove the file") from e
     if w <= 0 or h <= 0:
         raise DataError(f"image {path} has size {w}x{h}: replace or remove the file")
