@@ -76,6 +76,17 @@ def captured_output(log_path: Path):
             os.close(saved[1])
 
 
+@contextmanager
+def working_dir(path: Path):
+    """contextlib.chdir for Python 3.10."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _exception_summary(exc: Exception) -> str:
     """The toolkit wraps its tracebacks in a ValueError: keep the failing rule/frame and the last line."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -89,7 +100,8 @@ def build_rknn(onnx_path: Path, opts: ConvertOptions, calib_list: Optional[Path]
 
     log.info("rknn-toolkit2 %s: building %s (toolkit log: %s)", toolkit_version(), onnx_path.name, log_path)
     step = "config"
-    with captured_output(log_path):
+    # The toolkit drops debug graphs (check*.onnx) into the cwd when a build fails: keep them in the entry.
+    with captured_output(log_path), working_dir(log_path.parent):
         rknn = RKNN(verbose=True)
         try:
             ret = rknn.config(**opts.toolkit_config())
