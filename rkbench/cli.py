@@ -102,25 +102,31 @@ def hydra_entry(cfg: DictConfig) -> float:
     return outcome.metrics.get("eval/map50_95", math.nan)  # what a sweeper (e.g. optuna) would optimise
 
 
-KEY_METRICS = ("eval/map50_95", "eval_float/map50_95", "eval/map50", "latency/simulator_infer_ms_p50",
-               "latency/host_infer_ms_p50", "convert/build_s")
+KEY_METRICS = ("eval/map50_95", "eval_float/map50_95", "eval/map50", "latency/board_py_infer_ms_p50",
+               "latency/emulator_py_infer_ms_p50", "throughput/board_fps", "throughput/emulator_fps",
+               "latency/simulator_infer_ms_p50", "latency/host_infer_ms_p50", "convert/build_s")
+WHERE_NOTE = {"host": "latency/host_* = ONNX Runtime on this PC's CPU", "simulator": "latency/simulator_* = "
+              "rknn-toolkit2 simulator on this PC", "emulator": "*/emulator_* = the emulated board (ONNX Runtime "
+              "on this PC behind adb)", "board": "*/board_* = the board's NPU"}
 
 
 def format_outcomes(outcomes: list[pipeline.Outcome]) -> str:
-    head = ["run", "status", *[m.split("/", 1)[1] if m.startswith("eval/") else m for m in KEY_METRICS], "cache"]
+    """The short result table printed after a run or sweep: the key metrics that any run has."""
+    shown = [m for m in KEY_METRICS if m == "eval/map50_95" or any(m in o.metrics for o in outcomes)]
+    head = ["run", "status", *[m.split("/", 1)[1] if m.startswith("eval/") else m for m in shown], "cache"]
     rows = [head]
     for o in outcomes:
         cells = [o.name, o.status]
-        cells += [f"{o.metrics[m]:.4g}" if m in o.metrics else "-" for m in KEY_METRICS]
+        cells += [f"{o.metrics[m]:.4g}" if m in o.metrics else "-" for m in shown]
         cells.append(" ".join(f"{s}:{h}" for s, h in o.cache.items()) or "-")
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {o.name}: {o.error}" for o in outcomes if o.status == "FAILED"]
-    footer = ("latency/host_* = ONNX Runtime on this host CPU; latency/simulator_* = rknn-toolkit2 simulator "
-              "on this host. Neither is NPU latency.")
-    return "\n".join(lines + (["failures:"] + notes if notes else []) + [footer])
+    places = [note for where, note in WHERE_NOTE.items() if any(where in m for m in shown)]
+    footer = "; ".join(places) + (". Only board numbers are NPU latency." if places else "")
+    return "\n".join(lines + (["failures:"] + notes if notes else []) + ([footer] if footer else []))
 
 
 def finish_sweep() -> int:

@@ -31,7 +31,7 @@ def test_single_run_logs_quantized_and_float_accuracy(workdir, monkeypatch, caps
     monkeypatch.chdir(workdir)
     assert main(common(workdir) + ["resolution=128"]) == 0
     out = capsys.readouterr().out
-    assert "Neither is NPU latency" in out
+    assert "Only board numbers are NPU latency" in out
     [run] = runs(workdir)
     m, tags = run.data.metrics, run.data.tags
     assert run.info.status == "FINISHED"
