@@ -158,5 +158,11 @@ def run_sweep(argv: list[str]) -> int:
     # Hydra's argparse wants its flags before the overrides; users put -m anywhere.
     flags = [a for a in argv if a in ("-m", "--multirun")]
     sys.argv = [sys.argv[0]] + flags + [a for a in argv if a not in flags]
-    hydra_entry()
+    try:
+        hydra_entry()
+    except BaseException:  # Ctrl-C or a bug: the parent run must not stay RUNNING forever
+        sweep = pipeline.SWEEP
+        if sweep and sweep.tracker and sweep.parent_id:
+            sweep.tracker.end(sweep.parent_id, "KILLED")
+        raise
     return finish_sweep()
