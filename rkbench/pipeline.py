@@ -5,6 +5,7 @@ hint, and a sweep goes on. A bug (any other exception) also marks the run FAILED
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import logging
 import platform as host_platform
@@ -17,8 +18,7 @@ from omegaconf import OmegaConf
 from rkbench.cache import StageCache, sha256_file
 from rkbench.config import DatasetConfig, RunConfig, flatten, resolve_path
 from rkbench.data.datasets import Dataset, calibration_images, load_coco, load_yolo
-from rkbench.errors import RkbenchError, StageError
-from rkbench.stages import Artifact
+from rkbench.errors import RkbenchError
 from rkbench.stages.convert import ConvertOptions, convert
 from rkbench.stages.evaluate import Decoder, Evaluation, evaluate
 from rkbench.stages.export import export
@@ -123,8 +123,8 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
 
     if run.target in ("simulator", "board"):
         opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
-        calib = calibration_images(dataset, run.calib.size, run.calib.seed) if run.calib.source == "dataset" \
-            else calibration_images(resolve_path(run.calib.source), run.calib.size, run.calib.seed)
+        source = dataset if run.calib.source == "dataset" else resolve_path(run.calib.source)
+        calib = calibration_images(source, run.calib.size, run.calib.seed)
         calib_hash = sha256_file_list(calib)
         rknn_art, live = convert(onnx, opts, run.resolution, calib, calib_hash, cache, run.export)
         tags["rkbench.cache.convert"] = rknn_art.cache_key[:16]
@@ -163,12 +163,8 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
 
 
 def sha256_file_list(paths: list[Path]) -> str:
-    return sha256_text("".join(sha256_file(p) for p in paths))
-
-
-def sha256_text(text: str) -> str:
-    import hashlib
-    return hashlib.sha256(text.encode()).hexdigest()
+    """One hash over the contents of several files (the calibration set)."""
+    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
 
 
 def ensure_sweep(ctx: RunContext, tracker: Optional[Tracker], run: RunConfig) -> Optional[Sweep]:
