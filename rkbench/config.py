@@ -196,6 +196,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"batch={run.batch}: rknn_batch_size must be >= 1")
     if run.calib.size < 1:
         raise ConfigError(f"calib.size={run.calib.size}: need at least one calibration image")
+    if run.calib.source != "dataset":
+        _must_exist("calib.source", run.calib.source)
 
     cores = NPU_CORES.get(run.platform, 1)
     if run.core_mask != "auto":
