@@ -85,3 +85,9 @@ def test_missing_mandatory_value_names_the_key():
 def test_flatten_gives_dotted_params():
     params = flatten(composed("algo=mmse"))
     assert params["algo"] == "mmse" and params["model.family"] == "yolov8" and params["calib.size"] == "16"
+
+
+@pytest.mark.parametrize("name, size", [("card", 4), ("heads", 4), ("calibration", 9)])
+def test_every_experiment_composes(name, size):
+    runs = compose_all([f"+experiment={name}", "-m"])
+    assert len(runs) == size and all(r.study == name for r in runs)
