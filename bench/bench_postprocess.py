@@ -45,21 +45,27 @@ def bench(fn, runs: int) -> dict[str, float]:
     return summarize(times)
 
 
+def measure(runs: int = 50, size: int = 640, classes: int = 80) -> list[str]:
+    """Both heads side by side; returns the lines to print."""
+    rknn, official = outputs(size, classes, np.random.default_rng(0))
+    r = bench(lambda: prepost.select(*prepost.decode_rknn_head(rknn, classes), 0.001, 0.7, 300), runs)
+    u = bench(lambda: prepost.select(*prepost.decode_ultralytics_head(official), 0.001, 0.7, 300), runs)
+    return [
+        f"post-processing, {size} px, {classes} classes, {official.shape[-1]} anchors, median of {runs} runs on "
+        f"{platform.processor() or platform.machine()} (host CPU)",
+        f"rknn head (DFL + decode + select):     p50 {r['p50']:7.2f} ms/image  (p90 {r['p90']:.2f}, cv {r['cv']:.2f})",
+        f"official head (decode + select):      p50 {u['p50']:7.2f} ms/image  (p90 {u['p90']:.2f}, cv {u['cv']:.2f})",
+        f"ratio rknn/official: {r['p50'] / u['p50']:.2f}x (the price of doing DFL on the CPU)",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--classes", type=int, default=80)
     args = ap.parse_args()
-    rknn, official = outputs(args.size, args.classes, np.random.default_rng(0))
-    nc = args.classes
-    r = bench(lambda: prepost.select(*prepost.decode_rknn_head(rknn, nc), 0.001, 0.7, 300), args.runs)
-    u = bench(lambda: prepost.select(*prepost.decode_ultralytics_head(official), 0.001, 0.7, 300), args.runs)
-    anchors = official.shape[-1]
-    print(f"post-processing, {args.size} px, {nc} classes, {anchors} anchors, median of {args.runs} runs on {platform.processor() or platform.machine()} (host CPU)")
-    print(f"rknn head (DFL + decode + select):     p50 {r['p50']:7.2f} ms/image  (p90 {r['p90']:.2f}, cv {r['cv']:.2f})")
-    print(f"official head (decode + select):      p50 {u['p50']:7.2f} ms/image  (p90 {u['p90']:.2f}, cv {u['cv']:.2f})")
-    print(f"ratio rknn/official: {r['p50'] / u['p50']:.2f}x (the price of doing DFL on the CPU)")
+    print("\n".join(measure(args.runs, args.size, args.classes)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Cold vs warm sweep, measured side by side in one run.
+"""Cold vs warm sweep, measured side by side in one run, then post-processing cost per image.
 
     python bench/bench_sweep.py [--images 16] [--sweep "resolution=320,640 algo=normal,kl_divergence"]
 
@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_postprocess  # beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +52,8 @@ def main() -> None:
     print(f"warm, resume=false (cache hits)  {rerun:8.1f} s   cold/warm = {cold / rerun:6.1f}x")
     print(f"conversions: cold {out_cold.count('convert:miss')}, resume {out_resume.count('convert:miss')}, "
           f"resume=false {out_rerun.count('convert:miss')}")
+    print()
+    print("\n".join(bench_postprocess.measure()))
 
 
 if __name__ == "__main__":
