@@ -56,6 +56,19 @@ def compose_all(argv: list[str]) -> list[RunConfig]:
     return configs
 
 
+def hydra_message(exc: Exception) -> str:
+    """Hydra's composition errors in one line that names the fix."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0]
+    if "Available options" in str(exc):      # unknown group option: list the options
+        options = lines[lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1:]
+        return f"{first}: pick one of {', '.join(o for o in options if not o.startswith(('Config search', 'provider=')))}"
+    if first.startswith("Could not override"):
+        return f"{first} No such key: check its spelling (`python -m rkbench --cfg job` prints every key)"
+    cause = exc.__cause__
+    return f"{first}: {str(cause).splitlines()[0]}" if cause else first
+
+
 def preflight(argv: list[str]) -> None:
     """Config and data checks for the whole sweep, before any export or conversion."""
     from hydra.errors import HydraException
@@ -63,7 +76,7 @@ def preflight(argv: list[str]) -> None:
     try:
         configs = compose_all(argv)
     except HydraException as exc:
-        raise RkbenchError(str(exc).splitlines()[0]) from None
+        raise RkbenchError(hydra_message(exc)) from None
     for path in sorted({m for run in configs for m in (run.model.weights, run.model.onnx) if m}):
         check_model_file(resolve_path(path))
     seen = set()

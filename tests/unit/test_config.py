@@ -91,3 +91,16 @@ def test_flatten_gives_dotted_params():
 def test_every_experiment_composes(name, size):
     runs = compose_all([f"+experiment={name}", "-m"])
     assert len(runs) == size and all(r.study == name for r in runs)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["resolutoin=320"], "check its spelling"),
+    (["model=yolov9"], "pick one of demo, yolov5, yolov8"),
+    (["-m", "resolution=320,abc"], "could not be converted to Integer"),
+])
+def test_composition_errors_name_the_fix(argv, fragment, capsys):
+    from rkbench.__main__ import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
