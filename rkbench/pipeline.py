@@ -197,6 +197,8 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         outcome = Outcome("SKIPPED", done, name)
         if sweep:
             sweep.outcomes.append(outcome)
+            if sweep.parent_id:  # nesting is a tag: the resumed sweep's parent then holds every configuration
+                tracker.log(done, tags={"mlflow.parentRunId": sweep.parent_id, "rkbench.resumed_into": sweep.parent_id})
         return outcome
 
     run_id = None

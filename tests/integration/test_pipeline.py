@@ -55,8 +55,10 @@ def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert parents[0].data.tags["rkbench.swept"] == "export,resolution"
     in_sweep = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    # resolution=128 export=rknn was FINISHED by the single run above: skipped, not run again
-    assert len(in_sweep) == 3
+    # resolution=128 export=rknn was FINISHED by the single run above: skipped, not run again, moved under
+    # this sweep's parent so that the sweep shows all four configurations
+    assert len(in_sweep) == 4
+    assert [r.data.params["resolution"] for r in in_sweep if "rkbench.resumed_into" in r.data.tags] == ["128"]
     failed = [r for r in in_sweep if r.info.status == "FAILED"]
     assert len(failed) == 2
     for r in failed:
@@ -70,6 +72,10 @@ def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.count("SKIPPED") == 2
     assert "convert:miss" not in out and "export:miss" not in out
+    # the new parent holds all four configurations: the two skipped ones moved under it, two failed again
+    latest = max(runs(workdir, "sweep"), key=lambda r: r.info.start_time)
+    under = [r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
+    assert sorted(r.info.status for r in under) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
 def test_rerun_without_resume_hits_every_stage(workdir, monkeypatch, capsys):
