@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rkbench.cache import StageCache, sha256_file, stage_key
 from rkbench.config import ModelConfig, resolve_path
-from rkbench.errors import StageError, UnsupportedCombination
+from rkbench.errors import DataError, StageError, UnsupportedCombination
 from rkbench.stages import Artifact, from_cache
 
-EXPORT_CODE_VERSION = 1  # bump when heads.py changes the graphs it writes
+EXPORT_CODE_VERSION = 2  # bump when heads.py changes the graphs it writes
 
 
 def _source_hash(model: ModelConfig) -> dict[str, str]:
@@ -72,7 +72,7 @@ def export(model: ModelConfig, resolution: int, head: str, activation: str, cach
                                                 opset=model.opset)
             else:
                 info = adopt_yolov8_onnx(resolve_path(model.onnx), out, resolution, head)
-        except (UnsupportedCombination, StageError):
+        except (UnsupportedCombination, StageError, DataError):
             raise
         except Exception as exc:  # torch / onnx errors come in many types; all mean this export failed
             raise StageError("export", f"{type(exc).__name__}: {exc}", "check the model source loads with ultralytics.YOLO(path)") from exc

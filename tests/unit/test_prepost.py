@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 
 from rkbench.models import prepost
+
+
+def test_prepost_stays_board_pushable():
+    """numpy + cv2 + stdlib only, Python 3.8 syntax: the file runs on the board's Python."""
+    source = Path(prepost.__file__).read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "dataclasses", "typing", "numpy", "cv2"}
 
 
 def test_letterbox_round_trip():
@@ -19,6 +32,26 @@ def test_letterbox_round_trip():
     np.testing.assert_allclose(prepost.to_original(model, info, 320, 240), orig, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,size", [((1080, 1920), 640), ((480, 270), 320), ((333, 517), (256, 320))])
+def test_letterbox_places_the_image_where_to_original_says(shape, size):
+    """A bright rectangle drawn in the original lands, after letterbox, where the inverse maps it back."""
+    h, w = shape
+    img = np.zeros((h, w, 3), np.uint8)
+    rect = np.array([w * 0.2, h * 0.3, w * 0.7, h * 0.8])
+    x1, y1, x2, y2 = rect.astype(int)
+    img[y1:y2, x1:x2] = 255
+    boxed, info = prepost.letterbox(img, size)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    assert boxed.shape == (out_h, out_w, 3)
+    ys, xs = np.nonzero(boxed[..., 0] > 127)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
+    back = prepost.to_original(found, info, w, h)
+    np.testing.assert_allclose(back[0], [x1, y1, x2, y2], atol=1.5 / info.scale)
+    # the padding is centred (within a pixel) and the image is not stretched
+    new_w, new_h = round(w * info.scale), round(h * info.scale)
+    assert abs(2 * info.pad_x + new_w - out_w) <= 1 and abs(2 * info.pad_y + new_h - out_h) <= 1
+
+
 def test_letterbox_downscale_and_clip():
     img = np.full((100, 400, 3), 7, np.uint8)
     boxed, info = prepost.letterbox(img, 64)
@@ -27,29 +60,73 @@ def test_letterbox_downscale_and_clip():
     assert out.min() >= 0 and out[0, 2] <= 400 and out[0, 3] <= 100
 
 
-def _rknn_outputs(size: int, nc: int, cell: tuple[int, int], ltrb: tuple[int, int, int, int], cls: int):
-    """Outputs of a 'perfect' rknn head: one confident cell on stride 8, a peaked distribution."""
+def test_load_rgb(tmp_path):
+    bgr = np.zeros((4, 6, 3), np.uint8)
+    bgr[..., 0] = 200  # blue in OpenCV's order
+    cv2.imwrite(str(tmp_path / "a.png"), bgr)
+    rgb = prepost.load_rgb(tmp_path / "a.png")
+    assert rgb.shape == (4, 6, 3) and (rgb[..., 2] == 200).all() and (rgb[..., 0] == 0).all()
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        prepost.load_rgb(tmp_path / "bad.jpg")
+
+
+def _rknn_outputs(size: int, nc: int, cell: tuple[int, int], dist: np.ndarray, cls: int):
+    """Outputs of an rknn head with one confident cell on stride 8; dist (4, 16) = its box logits."""
     outs = []
     for stride in (8, 16, 32):
         h = w = size // stride
         box = np.full((1, 64, h, w), -20.0, np.float32)
+        box[0, 0::16] = 20.0  # every side peaks on bin 0: zero distances
         scores = np.zeros((1, nc, h, w), np.float32)
         if stride == 8:
-            for side, bin_ in enumerate(ltrb):
-                box[0, side * 16 + bin_, cell[1], cell[0]] = 20.0
+            box[0, :, cell[1], cell[0]] = dist.reshape(64)
             scores[0, cls, cell[1], cell[0]] = 0.9
         outs += [box, scores, np.clip(scores.sum(1, keepdims=True), 0, 1)]
     return outs
 
 
+def _peaked(bins: tuple[int, int, int, int]) -> np.ndarray:
+    dist = np.full((4, 16), -20.0, np.float32)
+    dist[np.arange(4), bins] = 20.0
+    return dist
+
+
 def test_dfl_decode_recovers_the_box():
-    boxes, scores = prepost.decode_rknn_head(_rknn_outputs(64, 3, (2, 3), (1, 2, 3, 4), 2), 3)
+    boxes, scores = prepost.decode_rknn_head(_rknn_outputs(64, 3, (2, 3), _peaked((1, 2, 3, 4)), 2), 3)
     assert boxes.shape == (64 + 16 + 4, 4) and scores.shape == (84, 3)
     best = scores.max(1).argmax()
+    assert best == 3 * 8 + 2  # row-major cell order, stride 8 first
     cx, cy = (2 + 0.5) * 8, (3 + 0.5) * 8
     np.testing.assert_allclose(boxes[best], [cx - 8, cy - 16, cx + 24, cy + 32], atol=1e-3)
+    # every other cell predicts zero distances: a point box at its centre, on each scale's stride
+    np.testing.assert_allclose(boxes[64 + 5], [(1 + 0.5) * 16, (1 + 0.5) * 16] * 2, atol=1e-3)
     b, s, c = prepost.select(boxes, scores, 0.25, 0.7)
     assert len(b) == 1 and c[0] == 2 and s[0] == pytest.approx(0.9)
+
+
+def test_dfl_is_the_softmax_expectation():
+    """A spread distribution: left side 25% on bin 2, 75% on bin 3 -> 2.75; top side uniform -> 7.5."""
+    dist = _peaked((0, 0, 5, 9))
+    dist[0] = -50.0
+    dist[0, 2], dist[0, 3] = np.log(0.25), np.log(0.75)
+    dist[1] = 3.0
+    boxes, scores = prepost.decode_rknn_head(_rknn_outputs(64, 2, (4, 1), dist, 0), 2)
+    cx, cy = 4.5 * 8, 1.5 * 8
+    np.testing.assert_allclose(boxes[1 * 8 + 4], [cx - 2.75 * 8, cy - 7.5 * 8, cx + 5 * 8, cy + 9 * 8], atol=1e-3)
+
+
+def test_score_sum_skip_drops_cells_not_detections():
+    rng = np.random.default_rng(4)
+    outs = []
+    for h in (8, 4, 2):
+        cls = (rng.random((1, 5, h, h)) ** 8).astype(np.float32)  # mostly tiny, a few high
+        outs += [rng.normal(0, 2, (1, 64, h, h)).astype(np.float32), cls, np.clip(cls.sum(1, keepdims=True), 0, 1)]
+    full = prepost.decode_rknn_head(outs, 5)
+    skipped = prepost.decode_rknn_head(outs, 5, min_score=0.5)
+    assert len(skipped[0]) < len(full[0]) == 84
+    for a, b in zip(prepost.select(*full, 0.5, 0.6), prepost.select(*skipped, 0.5, 0.6)):
+        np.testing.assert_allclose(a, b)
 
 
 def test_official_head_decode():
@@ -68,18 +145,34 @@ def _iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def test_nms_matches_brute_force():
-    rng = np.random.default_rng(0)
-    xy = rng.uniform(0, 80, (200, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (200, 2))], 1).astype(np.float32)
-    scores = rng.uniform(0, 1, 200).astype(np.float32)
-    keep = prepost.nms(boxes, scores, 0.5)
+def _brute_nms(boxes, scores, thr, limit=0):
     ref, alive = [], list(np.argsort(-scores, kind="stable"))
-    while alive:
+    while alive and (limit == 0 or len(ref) < limit):
         i = alive.pop(0)
-        ref.append(i)
-        alive = [j for j in alive if _iou(boxes[i], boxes[j]) <= 0.5]
-    assert keep.tolist() == ref
+        ref.append(int(i))
+        alive = [j for j in alive if _iou(boxes[i], boxes[j]) <= thr]
+    return ref
+
+
+def _random_boxes(rng, n, span, size):
+    xy = rng.uniform(0, span, (n, 2))
+    return np.concatenate([xy, xy + rng.uniform(*size, (n, 2))], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,span,thr,limit", [(200, 80, 0.5, 0), (300, 40, 0.3, 0), (500, 200, 0.7, 50), (7, 30, 0.5, 0)])
+def test_nms_matches_brute_force(n, span, thr, limit):
+    rng = np.random.default_rng(n)
+    boxes = _random_boxes(rng, n, span, (5, 30))
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    keep = prepost.nms(boxes, scores, thr, limit=limit)
+    assert keep.tolist() == _brute_nms(boxes, scores, thr, limit)
+    assert 0 < len(keep) < n or n < 10
+
+
+def test_nms_empty():
+    assert prepost.nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).shape == (0,)
+    b, s, c = prepost.select(np.zeros((0, 4), np.float32), np.zeros((0, 3), np.float32), 0.25, 0.5)
+    assert b.shape == (0, 4) and len(s) == len(c) == 0
 
 
 def test_select_is_per_class():
@@ -87,6 +180,31 @@ def test_select_is_per_class():
     scores = np.array([[0.9, 0.0], [0.0, 0.8], [0.7, 0.0]], np.float32)
     b, s, c = prepost.select(boxes, scores, 0.25, 0.5)
     assert sorted(c.tolist()) == [0, 1] and s.tolist() == pytest.approx([0.9, 0.8])
+    # a class-1 box up-left of the image, exactly one "max coordinate + 1" from a class-0 box: a class offset
+    # that ignores negative coordinates would stack them and suppress one
+    boxes = np.array([[100, 0, 160, 60], [-61, -161, -1, -101]], np.float32)
+    b, s, c = prepost.select(boxes, np.array([[0.9, 0.0], [0.0, 0.8]], np.float32), 0.25, 0.5)
+    assert c.tolist() == [0, 1]
+
+
+def test_select_matches_per_class_brute_force():
+    """Candidates partly outside the image (negative coordinates, as decoders produce): classes must still
+    never suppress each other; conf filter and max_det apply."""
+    rng = np.random.default_rng(7)
+    boxes = _random_boxes(rng, 400, 100, (10, 60)) - 30
+    scores = (rng.random((400, 4)) ** 3).astype(np.float32)
+    b, s, c = prepost.select(boxes, scores, 0.2, 0.5, max_det=1000)
+    cls, conf = scores.argmax(1), scores.max(1)
+    ref = []
+    for k in range(4):
+        idx = np.flatnonzero((cls == k) & (conf >= 0.2))
+        ref += [(conf[i], k, tuple(boxes[i])) for i in idx[_brute_nms(boxes[idx], conf[idx], 0.5)]]
+    ref.sort(key=lambda r: -r[0])
+    assert [(round(float(x), 6), int(k)) for x, k, _ in ref] == [(round(float(x), 6), int(k)) for x, k in zip(s, c)]
+    np.testing.assert_allclose(b, np.array([r[2] for r in ref]))
+    assert (s >= 0.2).all() and (np.diff(s) <= 0).all()
+    top = prepost.select(boxes, scores, 0.2, 0.5, max_det=10)
+    np.testing.assert_allclose(top[1], s[:10])
 
 
 def test_yolov5_decode_centre_cell():
@@ -96,25 +214,43 @@ def test_yolov5_decode_centre_cell():
         h = 64 // stride
         raw = np.full((1, 3 * 7, h, h), -30.0, np.float32)  # nc = 2
         if stride == 8:
-            raw[0, 0:4, 2, 1] = 0.0      # anchor 0: sigmoid 0.5 for x, y, w, h
-            raw[0, 4, 2, 1] = 30.0       # objectness 1
-            raw[0, 6, 2, 1] = 30.0       # class 1
+            raw[0, 7:11, 2, 1] = 0.0     # anchor 1: sigmoid 0.5 for x, y, w, h
+            raw[0, 11, 2, 1] = 30.0      # objectness 1
+            raw[0, 13, 2, 1] = 30.0      # class 1
         outs.append(raw)
-    boxes, scores = prepost.decode_yolov5(outs, anchors, 2, 64)
+    boxes, scores = prepost.decode_yolov5(outs, anchors.tolist(), 2, 64)
+    assert boxes.shape == (3 * (64 + 16 + 4), 4)
     best = scores.max(1).argmax()
+    assert best == 1 * 64 + 2 * 8 + 1   # anchor-major, then row-major cells (the yolov5 Detect order)
     cx, cy = (0.5 * 2 - 0.5 + 1) * 8, (0.5 * 2 - 0.5 + 2) * 8   # grid x=1, y=2
-    np.testing.assert_allclose(boxes[best], [cx - 5, cy - 6.5, cx + 5, cy + 6.5], atol=1e-3)
-    assert scores[best].argmax() == 1
+    np.testing.assert_allclose(boxes[best], [cx - 8, cy - 15, cx + 8, cy + 15], atol=1e-3)  # anchor (16, 30)
+    assert scores[best].argmax() == 1 and scores[best, 1] == pytest.approx(1.0)
 
 
-def test_tiles_cover_the_frame_and_merge_dedups():
-    corners = prepost.tiles(1920, 1080, 640, 0.2)
-    covered = np.zeros((1080, 1920), bool)
+@pytest.mark.parametrize("w,h,tile,overlap", [(1920, 1080, 640, 0.2), (1280, 720, 640, 0.0), (500, 300, 640, 0.2),
+                                              (2000, 641, 320, 0.5)])
+def test_tiles_cover_the_frame_with_the_overlap(w, h, tile, overlap):
+    corners = prepost.tiles(w, h, tile, overlap)
+    covered = np.zeros((h, w), bool)
     for x, y in corners:
-        covered[y:y + 640, x:x + 640] = True
-    assert covered.all() and all(x + 640 <= 1920 and y + 640 <= 1080 for x, y in corners)
-    # the same object seen by two overlapping tiles is reported once
+        covered[y:y + tile, x:x + tile] = True
+    assert covered.all() and len(set(corners)) == len(corners)
+    assert all(x + tile <= max(w, tile) and y + tile <= max(h, tile) for x, y in corners)
+    for axis in (0, 1):
+        starts = sorted({c[axis] for c in corners})
+        assert all(tile - (b - a) >= overlap * tile for a, b in zip(starts, starts[1:]))
+
+
+def test_merge_dedups_an_object_two_tiles_see():
+    corners = prepost.tiles(1920, 1080, 640, 0.2)
     obj = np.array([[600, 100, 700, 200]], np.float32)
-    per_tile = [(obj - [x, y, x, y], np.array([0.9], np.float32), np.array([1])) for x, y in corners[:2]]
-    b, s, c = prepost.merge_tiles(per_tile, corners[:2], 0.5)
-    assert len(b) == 1 and np.allclose(b[0], obj[0])
+    other = np.array([[1500, 700, 1560, 760]], np.float32)
+    per_tile = [(obj - [x, y, x, y], np.array([0.9 - 0.1 * i], np.float32), np.array([1])) for i, (x, y)
+                in enumerate(corners[:2])]
+    per_tile.append((other - [*corners[-1]] * 2, np.array([0.5], np.float32), np.array([1])))
+    per_tile.append((obj - [*corners[0]] * 2, np.array([0.4], np.float32), np.array([2])))  # another class
+    origins = [corners[0], corners[1], corners[-1], corners[0]]
+    b, s, c = prepost.merge_tiles(per_tile, origins, 0.5)
+    assert c.tolist() == [1, 1, 2] and s.tolist() == pytest.approx([0.9, 0.5, 0.4])
+    np.testing.assert_allclose(b, np.concatenate([obj, other, obj]))
+    assert len(prepost.merge_tiles([], [], 0.5)[0]) == 0
