@@ -3,6 +3,8 @@ any work, so a bad sweep fails in one line instead of after an hour of conversio
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata as md
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,16 +155,30 @@ def resolve_path(value: str) -> Path:
     return Path(value).expanduser()
 
 
+@functools.lru_cache(maxsize=1)
 def toolkit_platforms() -> tuple[str, ...]:
-    """Platforms the installed rknn-toolkit2 documents in RKNN.config (falls back to the 2.x list)."""
+    """Platforms the installed rknn-toolkit2 documents in RKNN.config (falls back to the 2.x list). Read
+    from the source file, not imported: importing rknn.api costs seconds (it imports torch)."""
     try:
-        from rknn.api import RKNN
-        doc = RKNN.config.__doc__ or ""
+        doc = md.distribution("rknn-toolkit2").locate_file("rknn/api/rknn.py").read_text(errors="replace")
         line = doc.split(":param target_platform:")[1].split(":param")[0]
         found = tuple(re.findall(r"\b(r[kv]\d{4}[a-z]?)\b", line))
         return found or TOOLKIT2_PLATFORMS
-    except (ImportError, IndexError):
+    except (md.PackageNotFoundError, OSError, IndexError):
         return TOOLKIT2_PLATFORMS
+
+
+def check_cores(run: RunConfig) -> None:
+    """Core mask against the SoC and the batch: only where the core mask applies (rkbench.spec.plan)."""
+    cores = NPU_CORES.get(run.platform, 1)
+    if run.core_mask == "auto":
+        return
+    used = 3 if run.core_mask == "all" else len(run.core_mask.split("_"))
+    highest = used - 1 if run.core_mask == "all" else max(int(c) for c in run.core_mask.split("_"))
+    if highest >= cores:
+        raise UnsupportedCombination(f"core_mask={run.core_mask} needs {highest + 1} NPU cores but {run.platform} has {cores}: use core_mask=auto")
+    if run.batch > 1 and used == 1:
+        raise UnsupportedCombination(f"batch={run.batch} with single-core core_mask={run.core_mask} falls back to auto on the board: use core_mask=0_1_2 (or auto), or batch=1")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -198,15 +214,6 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"calib.size={run.calib.size}: need at least one calibration image")
     if run.calib.source != "dataset":
         _must_exist("calib.source", run.calib.source)
-
-    cores = NPU_CORES.get(run.platform, 1)
-    if run.core_mask != "auto":
-        used = 3 if run.core_mask == "all" else len(run.core_mask.split("_"))
-        highest = used - 1 if run.core_mask == "all" else max(int(c) for c in run.core_mask.split("_"))
-        if highest >= cores:
-            raise UnsupportedCombination(f"core_mask={run.core_mask} needs {highest + 1} NPU cores but {run.platform} has {cores}: use core_mask=auto")
-        if run.batch > 1 and used == 1:
-            raise UnsupportedCombination(f"batch={run.batch} with single-core core_mask={run.core_mask} falls back to auto on the board: use core_mask=0_1_2 (or auto), or batch=1")
 
     m = run.model
     sources = [s for s in (m.weights, m.yaml, m.onnx) if s]

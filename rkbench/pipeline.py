@@ -1,66 +1,65 @@
-"""One run, left to right: dataset -> export -> simplify -> convert -> evaluate -> MLflow.
+"""One run, left to right: plan -> identity -> (reuse) -> export -> simplify -> convert -> evaluate -> MLflow.
+
+A configuration is first reduced to what it measures (rkbench.spec.plan: axes without effect on the
+target collapse) and given an identity from its settings and the bytes of every input file. A run with
+that identity already FINISHED in MLflow is reused, not measured again: inside a sweep a lightweight
+link run under the sweep's parent points at it, and the measured run stays where it is.
 
 A failure inside a stage (RkbenchError) becomes data: the run is logged FAILED with the error and a
 hint, and a sweep goes on. A bug (any other exception) also marks the run FAILED, then propagates."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
+import json
 import logging
 import platform as host_platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from omegaconf import OmegaConf
-
-from rkbench.cache import StageCache, sha256_file
+from rkbench import metrics as M
+from rkbench import spec
 from rkbench.config import DatasetConfig, RunConfig, flatten, resolve_path
-from rkbench.data.datasets import Dataset, calibration_images, load_coco, load_yolo
+from rkbench.data.datasets import Dataset, load_coco, load_yolo
 from rkbench.errors import RkbenchError
-from rkbench.stages.convert import ConvertOptions, convert
-from rkbench.stages.evaluate import Decoder, Evaluation, evaluate
-from rkbench.stages.export import export
-from rkbench.stages.simplify import simplify
-from rkbench.stats import summarize
-from rkbench.tracking import NON_SEMANTIC, Tracker, fingerprint, git_sha, versions
 
 log = logging.getLogger("rkbench")
+
+OUTCOME_FILE = "outcome.json"   # in each Hydra job's output dir: what the sweep summary reads
 
 
 @dataclass
 class RunContext:
-    """Where a run sits in a sweep (filled from Hydra by __main__; pipeline code never reads Hydra)."""
+    """Where a run sits in an invocation (filled from Hydra by cli.py; pipeline code never reads Hydra)."""
 
     multirun: bool = False
-    sweep_id: str = ""
+    sweep_dir: str = ""                 # the multirun's dir: the parent run is found by it
     overrides: list[str] = field(default_factory=list)
-    job: int = 0
-    swept: list[str] = field(default_factory=list)   # keys with sweep values (resolution=320,640 -> resolution)
+    output_dir: Optional[Path] = None   # the job's own dir: outcome.json goes there
 
 
 @dataclass
 class Outcome:
-    status: str                       # FINISHED | FAILED | SKIPPED
-    run_id: Optional[str]
+    status: str                       # FINISHED | FAILED | REUSED
+    run_id: Optional[str]             # the run logged by this job (a link run when reused in a sweep)
     name: str
+    identity: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
     cache: dict[str, str] = field(default_factory=dict)   # stage -> hit | miss
+    measured_run: Optional[str] = None     # REUSED: the run that measured these numbers ...
+    measured_at: str = ""                  # ... and when
+    collapsed: str = ""                    # axes that had no effect on the target
 
+    def save(self, folder: Optional[Path]) -> None:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / OUTCOME_FILE).write_text(json.dumps(asdict(self), indent=1))
 
-@dataclass
-class Sweep:
-    """Process-wide state of one multirun: its parent MLflow run and what each child did."""
-
-    sweep_id: str
-    parent_id: Optional[str]
-    tracker: Optional[Tracker]
-    outcomes: list[Outcome] = field(default_factory=list)
-
-
-SWEEP: Optional[Sweep] = None
+    @classmethod
+    def load(cls, path: Path) -> "Outcome":
+        return cls(**json.loads(path.read_text()))
 
 
 def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
@@ -73,60 +72,69 @@ def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
 
 
 def run_name(run: RunConfig, ctx: RunContext) -> str:
-    axes = [o for o in ctx.overrides if not o.startswith(NON_SEMANTIC + ("+experiment", "hydra."))]
+    axes = [o for o in ctx.overrides if not o.startswith(spec.NON_SEMANTIC + ("+experiment", "hydra."))]
     return f"{run.model.name}" + (f" {' '.join(axes)}" if axes else f" {run.resolution}px {run.algo} {run.target}")
 
 
-def _latency(ev: Evaluation, warmup: int, batch: int) -> tuple[dict[str, float], str]:
+def _latency(ev, warmup: int) -> tuple[dict[str, float], str]:
+    from rkbench.stats import summarize
+
     timed = ev.infer_ms[warmup:] if len(ev.infer_ms) > warmup else ev.infer_ms
-    stats = summarize(timed)
-    metrics = {f"latency/{ev.where}_infer_ms_{k}": v for k, v in stats.items() if k != "count"}
-    how = (f"{ev.where}: {ev.runtime}, one timed runtime.infer call per batch of {batch} during evaluation, "
-           f"{len(timed)} calls, first {len(ev.infer_ms) - len(timed)} left out as warmup; not NPU latency")
+    metrics = M.latency_stats(ev.where, "infer", summarize(timed))
+    when = (f"measured {ev.measured} and reused from the evaluate cache, not re-measured in this run" if ev.cached
+            else f"measured {ev.measured}")
+    how = (f"{ev.where}: {ev.runtime}, one timed runtime.infer call per batch during evaluation, {len(timed)} "
+           f"calls, first {len(ev.infer_ms) - len(timed)} left out as warmup, {when}; not NPU latency")
     return metrics, how
 
 
-def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callable[[Path, str], None],
+def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path, str], None],
             record: Callable[[dict[str, float], dict[str, str]], None]) -> tuple[dict[str, float], dict[str, str]]:
     """The stages of one configuration. Returns (metrics, tags); `record` logs partial results at once
-    (board modes), so a later failure loses nothing already measured."""
+    (board modes), so a later failure loses nothing already measured. Stages are imported here, so a
+    reused run never pays for torch or the toolkit."""
     from rkbench.runtimes.backends import make_runtime
     from rkbench.runtimes.simulator import SimulatorRuntime
+    from rkbench.stages.convert import ConvertOptions, convert
+    from rkbench.stages.evaluate import evaluate
+    from rkbench.stages.export import export
+    from rkbench.stages.simplify import simplify
 
+    run = plan.config
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
     onnx = export(run.model, run.resolution, run.export, run.activation, cache)
     onnx = simplify(onnx, run.simplify, cache)
     tags.update({"rkbench.cache.export": onnx.cache_key[:16]})
     metrics["export/onnx_mib"] = onnx.path.stat().st_size / 2**20
-    decoder = Decoder.from_export(onnx.info, run.resolution)
     if run.activation != "silu":
         tags["rkbench.note"] = (f"activation swapped to {run.activation} on weights trained with SiLU: latency is "
                                 "meaningful, accuracy needs weights trained with that activation")
 
-    ort_id = f"onnxruntime-{md.version('onnxruntime')}"
     host_latency: list[str] = []
+    ort_id = f"onnxruntime-{md.version('onnxruntime')}"
 
     def ort() -> object:
         return make_runtime("onnxruntime", str(onnx.path), where="host")
 
     if run.target == "onnxruntime" or run.eval.float_reference:
         prefix = "eval" if run.target == "onnxruntime" else "eval_float"
-        ref = evaluate(onnx, ort, ort_id, "host", dataset, decoder, 1, run.eval, cache, prefix)
+        ref = evaluate(onnx, ort, ort_id, "host", dataset, spec.inference_spec(run, onnx.info, dataset, "onnxruntime"),
+                       run.eval, cache, prefix)
         metrics.update(ref.metrics)
-        lat, how = _latency(ref, run.measure.warmup, 1)
+        lat, how = _latency(ref, run.measure.warmup)
         metrics.update(lat)
         host_latency.append(how)
         record(dict(ref.metrics, **lat), {})  # kept even if the conversion below fails
         if prefix == "eval":
             attach(ref.artifact.path, "detections")
 
-    if run.target in ("simulator", "board"):
+    if run.target == "simulator" or (run.target == "board" and (spec.uses_rknn(run) or run.measure.toolkit_perf)):
         opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
-        source = dataset if run.calib.source == "dataset" else resolve_path(run.calib.source)
-        calib = calibration_images(source, run.calib.size, run.calib.seed)
-        calib_hash = sha256_file_list(calib)
-        rknn_art, live = convert(onnx, opts, run.resolution, calib, calib_hash, cache, run.export)
+        calib = spec.calibration_set(run, dataset) if run.quantize else []
+        if run.quantize:
+            metrics["calib/images"] = float(len(calib))
+        rknn_art, live = convert(onnx, opts, run.resolution, calib, spec.files_hash(calib), cache, run.export)
         tags["rkbench.cache.convert"] = rknn_art.cache_key[:16]
         metrics["convert/build_s"] = float(rknn_art.info["build_s"])
         metrics["convert/rknn_mib"] = rknn_art.path.stat().st_size / 2**20
@@ -139,21 +147,27 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
                                                      calib_list=rknn_art.path.parent / "calib" / "dataset.txt",
                                                      log_path=rknn_art.path.parent / "simulator.log"), None
                     return runtime
-                ev = evaluate(rknn_art, sim, f"rknn-simulator-{rknn_art.info['toolkit']}", "simulator", dataset,
-                              decoder, run.batch, run.eval, cache)
+                from rkbench.stages.convert import toolkit_version
+                ev = evaluate(rknn_art, sim, f"rknn-simulator-{toolkit_version()}", "simulator", dataset,
+                              spec.inference_spec(run, onnx.info, dataset, "rknn-simulator"), run.eval, cache)
                 metrics.update(ev.metrics)
-                lat, how = _latency(ev, run.measure.warmup, run.batch)
+                lat, how = _latency(ev, run.measure.warmup)
                 metrics.update(lat)
                 host_latency.append(how)
                 attach(ev.artifact.path, "detections")
             else:
                 from rkbench.stages.board import run_on_board
-                board_metrics, board_tags = run_on_board(run, onnx, rknn_art, decoder, dataset, cache.root, attach, record)
+                board_metrics, board_tags = run_on_board(run, onnx, rknn_art, dataset, cache.root, attach, record)
                 metrics.update(board_metrics)
                 tags.update(board_tags)
         finally:
             if live is not None:   # built for nothing (evaluation came from the cache)
                 live.release()
+    elif run.target == "board":
+        from rkbench.stages.board import run_on_board
+        board_metrics, board_tags = run_on_board(run, onnx, None, dataset, cache.root, attach, record)
+        metrics.update(board_metrics)
+        tags.update(board_tags)
 
     tags.setdefault("rkbench.device_kind", "simulator" if run.target == "simulator" else "host")
     tags.setdefault("rkbench.runtime", {"simulator": "rknn-simulator", "onnxruntime": "onnxruntime"}.get(run.target, run.target))
@@ -162,52 +176,52 @@ def execute(run: RunConfig, dataset: Dataset, cache: StageCache, attach: Callabl
     return metrics, tags
 
 
-def sha256_file_list(paths: list[Path]) -> str:
-    """One hash over the contents of several files (the calibration set)."""
-    return hashlib.sha256("".join(sha256_file(p) for p in paths).encode()).hexdigest()
-
-
-def ensure_sweep(ctx: RunContext, tracker: Optional[Tracker], run: RunConfig) -> Optional[Sweep]:
-    global SWEEP
-    if not ctx.multirun:
-        return None
-    if SWEEP is None or SWEEP.sweep_id != ctx.sweep_id:
-        parent = None
-        if tracker:
-            parent = tracker.start(f"sweep {Path(ctx.sweep_id).name or ctx.sweep_id}",
-                                   {"rkbench.kind": "sweep", "rkbench.study": run.study,
-                                    "rkbench.sweep_dir": ctx.sweep_id, "rkbench.git_sha": git_sha(),
-                                    "rkbench.swept": ",".join(ctx.swept)})
-        SWEEP = Sweep(ctx.sweep_id, parent, tracker)
-    return SWEEP
+def _reuse(tracker, done, name: str, ident: spec.Identity, parent: Optional[str], plan: spec.RunPlan) -> Outcome:
+    """A FINISHED run with this identity exists: link it into this sweep (the measured run is not moved)."""
+    measured_at = tracker.started_at(done)
+    link_id = tracker.link(done, name, parent, {"rkbench.identity": ident.key, "rkbench.collapsed": plan.tag()}) \
+        if parent else None
+    log.info("reuse %s: measured in MLflow run %s at %s (resume=false to measure again)", name,
+             done.info.run_id, measured_at)
+    return Outcome("REUSED", link_id or done.info.run_id, name, ident.key, dict(done.data.metrics),
+                   measured_run=done.info.run_id, measured_at=measured_at, collapsed=plan.tag())
 
 
 def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) -> Outcome:
+    from rkbench.cache import StageCache
+    from rkbench.tracking import git_sha, tracker_for
+
+    plan = spec.plan(run_cfg)
+    run_cfg = plan.config
     cache_root = Path(run_cfg.cache_dir).expanduser().resolve()
     cache = StageCache(cache_root)
     dataset = dataset or load_dataset(run_cfg.dataset, cache_root)
-    tracker = Tracker(run_cfg.tracking.uri, run_cfg.tracking.experiment) if run_cfg.tracking.enabled else None
-    sweep = ensure_sweep(ctx, tracker, run_cfg)
+    ident = spec.identity(plan, dataset)
+    tracker = tracker_for(run_cfg.tracking.uri, run_cfg.tracking.experiment) if run_cfg.tracking.enabled else None
+    parent = tracker.sweep_parent(ctx.sweep_dir) if (tracker and ctx.multirun) else None
     name = run_name(run_cfg, ctx)
-    fp = fingerprint(run_cfg)
+    if plan.collapsed:
+        log.info("%s: no effect on this target, collapsed: %s", name, plan.tag())
 
-    done = tracker.finished_run(fp) if (tracker and run_cfg.resume) else None
-    if done:
-        log.info("skip %s: already FINISHED in MLflow run %s (resume=false to run again)", name, done)
-        outcome = Outcome("SKIPPED", done, name)
-        if sweep:
-            sweep.outcomes.append(outcome)
-            if sweep.parent_id:  # nesting is a tag: the resumed sweep's parent then holds every configuration
-                tracker.log(done, tags={"mlflow.parentRunId": sweep.parent_id, "rkbench.resumed_into": sweep.parent_id})
+    # resume=false measures again, but a sweep still measures each identity once (collapsed axes).
+    done = tracker.finished_run(ident.key, within=None if run_cfg.resume else parent) if tracker else None
+    if done is not None and (run_cfg.resume or parent):
+        outcome = _reuse(tracker, done, name, ident, parent, plan)
+        outcome.save(ctx.output_dir)
         return outcome
 
     run_id = None
     if tracker:
-        run_id = tracker.start(name, {"rkbench.kind": "config", "rkbench.fingerprint": fp, "rkbench.study": run_cfg.study,
+        inputs = {f"rkbench.input.{k}": v[:16] for k, v in ident.inputs.items()}
+        run_id = tracker.start(name, {"rkbench.kind": "config", "rkbench.identity": ident.key, "rkbench.study": run_cfg.study,
                                       "rkbench.git_sha": git_sha(), "rkbench.dataset": f"{dataset.name} ({len(dataset.images)} images)",
-                                      "rkbench.soc": run_cfg.platform, "rkbench.target": run_cfg.target, **versions()},
-                               parent=sweep.parent_id if sweep else None)
+                                      "rkbench.soc": run_cfg.platform, "rkbench.target": run_cfg.target,
+                                      "rkbench.collapsed": plan.tag(), "rkbench.sweep_dir": ctx.sweep_dir, **inputs,
+                                      **{f"versions.{k}": v for k, v in ident.versions.items()},
+                                      "versions.rkbench_measurement": str(spec.MEASUREMENT_VERSION)},
+                               parent=parent)
         tracker.log(run_id, params=flatten(run_cfg))
+        from omegaconf import OmegaConf
         tracker.text(run_id, OmegaConf.to_yaml(OmegaConf.structured(run_cfg)), "config.yaml")
 
     def attach(path: Path, subdir: str) -> None:
@@ -219,8 +233,8 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
             tracker.log(run_id, metrics, tags=tags)
 
     try:
-        metrics, tags = execute(run_cfg, dataset, cache, attach, record)
-        outcome = Outcome("FINISHED", run_id, name, metrics)
+        metrics, tags = execute(plan, dataset, cache, attach, record)
+        outcome = Outcome("FINISHED", run_id, name, ident.key, metrics, collapsed=plan.tag())
         if tracker:
             tracker.log(run_id, metrics, tags=dict(tags, **{"rkbench.status": "FINISHED",
                                                            "rkbench.cache.hits": ",".join(cache.hits),
@@ -228,11 +242,11 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
             tracker.end(run_id, "FINISHED")
     except RkbenchError as err:
         log.error("run %s FAILED: %s", name, err)
-        outcome = Outcome("FAILED", run_id, name, error=str(err))
+        outcome = Outcome("FAILED", run_id, name, ident.key, error=str(err), collapsed=plan.tag())
         if tracker:
             tracker.log(run_id, tags={"rkbench.status": "FAILED", "rkbench.error": getattr(err, "detail", str(err)),
                                       "rkbench.hint": getattr(err, "hint", ""),
-                                      "rkbench.failed_stage": getattr(err, "stage", "config")})
+                                      "rkbench.failed_stage": getattr(err, "stage", None) or "config"})
             tracker.end(run_id, "FAILED")
     except BaseException as exc:
         if tracker and run_id:
@@ -240,6 +254,5 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
             tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     outcome.cache = {s: "hit" for s in cache.hits} | {s: "miss" for s in cache.misses}
-    if sweep:
-        sweep.outcomes.append(outcome)
+    outcome.save(ctx.output_dir)
     return outcome

@@ -3,41 +3,14 @@ configuration. Explicit MlflowClient calls, no global active run, so nesting is 
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata as md
-import json
+import functools
 import logging
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
-from rkbench.config import RunConfig, flatten
-
 log = logging.getLogger("rkbench.tracking")
-
-# Keys that say where results go, not what is measured: left out of the fingerprint.
-NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s")
-VERSIONED = ("rknn-toolkit2", "onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy", "mlflow")
-
-
-def fingerprint(run: RunConfig) -> str:
-    params = {k: v for k, v in flatten(run).items() if not k.startswith(NON_SEMANTIC)}
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in VERSIONED:
-        try:
-            out[f"versions.{pkg}"] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    try:
-        out["versions.rkbench"] = md.version("rkbench")
-    except md.PackageNotFoundError:
-        pass
-    return out
 
 
 def git_sha() -> str:
@@ -65,12 +38,47 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = found.experiment_id
+        self._parents: dict[str, Optional[str]] = {}
 
-    def finished_run(self, fp: str) -> Optional[str]:
-        runs = self.client.search_runs([self.experiment_id],
-                                       filter_string=f"tags.`rkbench.fingerprint` = '{fp}' and attributes.status = 'FINISHED'",
-                                       max_results=1)
-        return runs[0].info.run_id if runs else None
+    # ----------------------------------------------------------------------- identity and membership
+
+    def finished_run(self, identity: str, within: Optional[str] = None):
+        """The newest FINISHED measured run (not a link) with this identity; only under parent `within`
+        when given. Returns the MLflow Run or None."""
+        query = (f"tags.`rkbench.identity` = '{identity}' and tags.`rkbench.kind` = 'config' "
+                 "and attributes.status = 'FINISHED'")
+        if within:
+            query += f" and tags.`mlflow.parentRunId` = '{within}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1,
+                                       order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def sweep_parent(self, sweep_dir: str) -> Optional[str]:
+        """The parent run that the sweep callback opened for this multirun dir (None without one)."""
+        if sweep_dir not in self._parents:
+            runs = self.client.search_runs([self.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                                           filter_string=f"tags.`rkbench.kind` = 'sweep' and tags.`rkbench.sweep_dir` = '{sweep_dir}'")
+            self._parents[sweep_dir] = runs[0].info.run_id if runs else None
+        return self._parents[sweep_dir]
+
+    def link(self, measured, name: str, parent: str, tags: dict[str, str]) -> str:
+        """A lightweight child of `parent` standing for a reused run: the measured run's params and metrics
+        (so the MLflow UI compares it like any child) and where and when they were measured."""
+        run_id = self.start(name, dict(tags, **{"rkbench.kind": "link", "rkbench.status": "REUSED",
+                                                "rkbench.link_to": measured.info.run_id,
+                                                "rkbench.measured_in": measured.data.tags.get("mlflow.runName", ""),
+                                                "rkbench.measured_at": self.started_at(measured),
+                                                **{k: v for k, v in measured.data.tags.items()
+                                                   if k.startswith(("rkbench.device_kind", "rkbench.measure", "versions."))}}),
+                            parent=parent)
+        self.log(run_id, dict(measured.data.metrics), params=dict(measured.data.params))
+        self.end(run_id, "FINISHED")
+        return run_id
+
+    @staticmethod
+    def started_at(run) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((run.info.start_time or 0) / 1000))
+
 
     def start(self, name: str, tags: dict[str, str], parent: Optional[str] = None) -> str:
         tags = dict(tags, **{"mlflow.runName": name})
@@ -97,3 +105,9 @@ class Tracker:
 
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
+
+
+@functools.lru_cache(maxsize=None)
+def tracker_for(uri: str, experiment: str) -> Tracker:
+    """One client per store and experiment per process (a sweep's jobs share it)."""
+    return Tracker(uri, experiment)

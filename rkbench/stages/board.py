@@ -33,7 +33,8 @@ from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_versi
 from rkbench.device.transport import AdbTransport, Transport
 from rkbench.errors import DeviceError
 from rkbench.stages import Artifact
-from rkbench.stages.evaluate import Decoder, score
+from rkbench.models.detect import InferenceSpec
+from rkbench.stages.evaluate import score
 
 log = logging.getLogger("rkbench.board")
 
@@ -96,14 +97,14 @@ def inspect_board(transport: Transport, run: RunConfig) -> tuple[BoardFacts, dic
 # ----------------------------------------------------------------------------------------------- deploy
 
 def bundle_files() -> dict[str, Path]:
-    """The on-device runner and the two board-pushable modules it imports flat (found where Python loads them)."""
-    from rkbench.device import runner
-    from rkbench.models import prepost
-    from rkbench.runtimes import backends
+    """The on-device runner and the board-pushable modules it imports flat (found where Python loads them)."""
     from rkbench import stats
+    from rkbench.device import modes, runner, runner_io, sampling
+    from rkbench.models import detect, prepost
+    from rkbench.runtimes import backends
 
-    return {"runner": Path(runner.__file__), "prepost": Path(prepost.__file__), "backends": Path(backends.__file__),
-            "stats": Path(stats.__file__)}
+    return {"runner": Path(runner.__file__), **{m.__name__.rsplit(".", 1)[-1]: Path(m.__file__) for m in
+                                                 (detect, prepost, backends, stats, modes, runner_io, sampling)}}
 
 
 def write_local(folder: Path, name: str, text: str) -> Path:
@@ -143,22 +144,30 @@ def path_groups(files: dict[str, Path], remote_root: str, budget: int = COMMAND_
 class Deployed:
     model: str
     runner: str
-    pythonpath: str            # board dirs of prepost.py, backends.py and stats.py
+    pythonpath: str            # board dirs of the modules the runner imports flat
     images: str                # images list: image_id<TAB>path relative to the list
-    anchors: Optional[str]
+    spec: str                  # the run's spec file: inference spec + measure settings
     pushed: int = 0
     skipped: int = 0
     pushed_bytes: int = 0
     seconds: float = 0.0
 
 
-def deploy_inputs(transport: Transport, run: RunConfig, model: Path, decoder: Decoder, dataset: Dataset,
+def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
+    """What the runner reads: the inference spec (the same object the host evaluates with) and how to measure."""
+    m = run.measure
+    width, height = m.tile_frame
+    measure = {"warmup": m.warmup, "iterations": m.iterations, "min_seconds": m.min_seconds, "frames": m.frames,
+               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap}
+    return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
+
+
+def deploy_inputs(transport: Transport, run: RunConfig, model: Path, spec: InferenceSpec, dataset: Dataset,
                   work: Path) -> Deployed:
     root = run.board.remote_root
     t0 = time.perf_counter()
-    files: dict[str, Path] = {"model": model, **bundle_files()}
-    if decoder.head == "yolov5":
-        files["anchors"] = write_local(work, "anchors.json", json.dumps([list(row) for row in decoder.anchors]))
+    files: dict[str, Path] = {"model": model, **bundle_files(),
+                              "spec": write_local(work, "spec.json", spec_file(run, spec))}
     images = {f"image{rec.id}": rec.path for rec in dataset.images}
     groups = [files] + path_groups(images, root)
     paths: dict[str, str] = {}
@@ -178,8 +187,9 @@ def deploy_inputs(transport: Transport, run: RunConfig, model: Path, decoder: De
     local["images"] = write_local(work, "images.txt", listing)
     place({"images": local["images"]})
     return Deployed(model=paths["model"], runner=paths["runner"],
-                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(paths[k]) for k in ("prepost", "backends", "stats"))),
-                    images=paths["images"], anchors=paths.get("anchors"), pushed=len(pushed), skipped=len(skipped),
+                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(p) for k, p in paths.items()
+                                                      if k in bundle_files() and k != "runner")),
+                    images=paths["images"], spec=paths["spec"], pushed=len(pushed), skipped=len(skipped),
                     pushed_bytes=sum(local[n].stat().st_size for n in pushed), seconds=time.perf_counter() - t0)
 
 
@@ -216,41 +226,22 @@ class BoardSession:
     transport: Transport
     run: RunConfig
     deployed: Deployed
-    decoder: Decoder
     dataset: Dataset
     where: str
     local_dir: Path
     remote_dir: str
     attempts: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def batch(self) -> int:
-        # The .rknn carries rknn_batch_size; the exported ONNX has a batch of 1.
-        return self.run.batch if self.run.board.runtime == "rknnlite" else 1
-
     def command(self, mode: str, out: str, detections: str) -> list[str]:
-        run, m, d = self.run, self.run.measure, self.deployed
-        args = ["env", f"PYTHONPATH={d.pythonpath}", run.board.python, d.runner,
-                "--mode", mode, "--model", d.model, "--out", out, "--runtime", run.board.runtime,
-                "--where", self.where, "--size", str(run.resolution), "--batch", str(self.batch),
-                "--head", self.decoder.head, "--num-classes", str(self.decoder.num_classes),
-                "--reg-max", str(self.decoder.reg_max),
-                "--category-ids", ",".join(str(c) for c in self.dataset.category_ids),
-                "--core-mask", run.core_mask, "--warmup", str(m.warmup),
-                "--conf", str(run.eval.conf), "--iou", str(run.eval.iou), "--max-det", str(run.eval.max_det)]
-        if d.anchors:
-            args += ["--anchors", d.anchors]
-        if mode == "latency":
-            args += ["--images", d.images, "--iterations", str(m.iterations), "--min-seconds", str(m.min_seconds)]
-        elif mode == "eval":
+        """Everything about the model and how to measure is in the spec file; the command says what to do."""
+        d = self.deployed
+        args = ["env", f"PYTHONPATH={d.pythonpath}", self.run.board.python, d.runner, "--spec", d.spec,
+                "--mode", mode, "--model", d.model, "--out", out, "--where", self.where]
+        if mode == "eval":
             args += ["--images", d.images, "--detections", detections]
-        elif mode == "throughput":
-            args += ["--images", d.images, "--cores", ",".join(worker_masks(run)), "--frames", str(m.frames)]
-        else:  # tiling: a synthetic frame of measure.tile_frame, measure.frames frames
-            width, height = m.tile_frame
-            args += ["--frame-size", f"{width}x{height}", "--overlap", str(m.tile_overlap),
-                     "--iterations", str(m.frames), "--min-seconds", "0"]
-        return args
+        elif mode in ("latency", "throughput"):
+            args += ["--images", d.images]
+        return args   # tiling: a synthetic frame of measure.tile_frame
 
     def run_mode(self, mode: str) -> dict[str, Any]:
         """The complete result of one mode; at most two attempts, each from scratch."""
@@ -267,7 +258,7 @@ class BoardSession:
         raise DeviceError(f"{failures[1]} (the first attempt failed too: {failures[0]})")
 
     def _attempt(self, mode: str, attempt: int) -> dict[str, Any]:
-        from rkbench.device.runner import ResultError, load_result
+        from rkbench.device.runner_io import ResultError, load_result
 
         out = f"{self.remote_dir}/{mode}-{attempt}.json"
         detections = f"{self.remote_dir}/{mode}-{attempt}.detections.json"
@@ -517,9 +508,12 @@ def toolkit_perf(rknn_path: Path, platform: str, device_id: str, dmc: bool, out_
 
 # ------------------------------------------------------------------------------------------------ the stage
 
-def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Artifact, decoder: Decoder, dataset: Dataset,
+def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
-    """Probe, deploy and measure one configuration on the board (see the module docstring)."""
+    """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
+    None where the board runs the ONNX and no toolkit perf was asked for."""
+    from rkbench.spec import inference_spec
+
     transport = connect(run)
     facts, tags = inspect_board(transport, run)
     where = tags["rkbench.device_kind"]
@@ -527,14 +521,15 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Artifact, decoder: De
     metrics: dict[str, float] = {}
 
     model = rknn_art.path if run.board.runtime == "rknnlite" else onnx.path
-    deployed = deploy_inputs(transport, run, model, decoder, dataset, cache_root / "board" / "inputs")
+    spec = inference_spec(run, onnx.info, dataset, run.board.runtime)
+    deployed = deploy_inputs(transport, run, model, spec, dataset, cache_root / "board" / "inputs")
     deploy_metrics = {"deploy/pushed": float(deployed.pushed), "deploy/skipped": float(deployed.skipped),
                       "deploy/pushed_mib": deployed.pushed_bytes / 2**20, "deploy/seconds": deployed.seconds}
     metrics.update(deploy_metrics)
     record(deploy_metrics, {})
 
     token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
-    session = BoardSession(transport, run, deployed, decoder, dataset, where,
+    session = BoardSession(transport, run, deployed, dataset, where,
                            local_dir=cache_root / "board" / "results" / token,
                            remote_dir=posixpath.join(run.board.remote_root, "results", token))
     session.local_dir.mkdir(parents=True, exist_ok=True)
@@ -562,7 +557,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Artifact, decoder: De
         record(found, {"rkbench.measure": tags["rkbench.measure"]})
     session.cleanup()
 
-    if run.measure.toolkit_perf:
+    if run.measure.toolkit_perf and rknn_art is not None:
         if where == "emulator":
             tags["rkbench.toolkit_perf"] = "skipped: the emulated board has no NPU and no rknn_server"
         else:
@@ -573,6 +568,4 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Artifact, decoder: De
             metrics.update(found)
             tags.update(perf_tags)
             record(found, perf_tags)
-    if run.board.runtime == "onnxruntime" and run.batch > 1:
-        tags["rkbench.board_batch"] = f"batch={run.batch} applies to the .rknn; the ONNX ran with batch 1"
     return metrics, tags

@@ -21,10 +21,15 @@ def common(workdir) -> list[str]:
             "tracking.experiment=it", "dataset.limit=6", "calib.size=4"]
 
 
-def runs(workdir, kind: str = "config"):
+def runs(workdir, kind: str = "config", parent: str | None = None):
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("it")
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`rkbench.kind` = '{kind}'")
+    query = f"tags.`rkbench.kind` = '{kind}'" + (f" and tags.`mlflow.parentRunId` = '{parent}'" if parent else "")
+    return client.search_runs([exp.experiment_id], filter_string=query)
+
+
+def members(workdir, parent: str):
+    return runs(workdir, "config", parent) + runs(workdir, "link", parent)
 
 
 def test_single_run_logs_quantized_and_float_accuracy(workdir, monkeypatch, capsys):
@@ -54,28 +59,35 @@ def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
     parents = runs(workdir, "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert parents[0].data.tags["rkbench.swept"] == "export,resolution"
-    in_sweep = [r for r in children if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    # resolution=128 export=rknn was FINISHED by the single run above: skipped, not run again, moved under
-    # this sweep's parent so that the sweep shows all four configurations
+    first = parents[0].info.run_id
+    # resolution=128 export=rknn was FINISHED by the single run above: not measured again, but linked into
+    # this sweep (a link run pointing at the measured one), which stays where it was
+    in_sweep = members(workdir, first)
     assert len(in_sweep) == 4
-    assert [r.data.params["resolution"] for r in in_sweep if "rkbench.resumed_into" in r.data.tags] == ["128"]
+    [link] = [r for r in in_sweep if r.data.tags["rkbench.kind"] == "link"]
+    [single] = [r for r in runs(workdir) if "mlflow.parentRunId" not in r.data.tags]
+    assert link.data.tags["rkbench.link_to"] == single.info.run_id and link.data.params["resolution"] == "128"
+    assert link.data.metrics["eval/map50_95"] == single.data.metrics["eval/map50_95"]
+    assert link.data.tags["rkbench.measured_at"] and link.data.tags["rkbench.status"] == "REUSED"
     failed = [r for r in in_sweep if r.info.status == "FAILED"]
     assert len(failed) == 2
     for r in failed:
         assert r.data.params["export"] == "ultralytics"
         assert "rknn-toolkit2 2.5.0" in r.data.tags["rkbench.error"]
         assert "export=rknn" in r.data.tags["rkbench.hint"]
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "REUSED" in out and f"measured in MLflow run {single.info.run_id}" in out
 
-    # Same command again: finished configurations are skipped; failed ones fail from the cache.
+    # Same command again: finished configurations are reused; failed ones fail from the cache.
     assert main(sweep) == 1
     out = capsys.readouterr().out
-    assert out.count("SKIPPED") == 2
+    assert out.count("REUSED") == 2
     assert "convert:miss" not in out and "export:miss" not in out
-    # the new parent holds all four configurations: the two skipped ones moved under it, two failed again
     latest = max(runs(workdir, "sweep"), key=lambda r: r.info.start_time)
-    under = [r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
-    assert sorted(r.info.status for r in under) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    under = members(workdir, latest.info.run_id)
+    assert sorted(r.data.tags["rkbench.status"] for r in under) == ["FAILED", "FAILED", "REUSED", "REUSED"]
+    # the first sweep keeps all four of its configurations
+    assert len(members(workdir, first)) == 4
 
 
 def test_rerun_without_resume_hits_every_stage(workdir, monkeypatch, capsys):
@@ -99,7 +111,7 @@ def test_report_from_mlflow(workdir, monkeypatch):
     (["resolution=100"], "multiple of 32"),
     (["-m", "resolution=96,100"], "multiple of 32"),
     (["platform=rk9999"], "platform"),
-    (["batch=3", "core_mask=1"], "falls back to auto"),
+    (["batch=3", "core_mask=1", "target=board", "board.address=192.168.1.222:5555"], "falls back to auto"),
 ])
 def test_bad_input_fails_before_any_work(workdir, monkeypatch, capsys, overrides, fragment):
     monkeypatch.chdir(workdir)

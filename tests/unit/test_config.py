@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from rkbench.cli import CONF_DIR, compose_all
 from rkbench.config import RunConfig, flatten, register, to_run_config, toolkit_platforms
+from rkbench.spec import plan
 from rkbench.errors import ConfigError, RkbenchError, UnsupportedCombination
 
 register()
@@ -41,18 +42,25 @@ def test_invalid_values_are_rejected_with_a_fix(override, fragment):
         composed(override)
 
 
+ON_BOARD = ("target=board", "board.address=192.168.1.222:5555")
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (("batch=3", "core_mask=0"), "falls back to auto"),
     (("platform=rk3568", "core_mask=0_1_2"), "rk3568 has 1"),
     (("platform=rk3576", "core_mask=2"), "3 NPU cores"),
 ])
 def test_unsupported_combinations(overrides, fragment):
+    """Where the core mask applies (a board running the .rknn), combinations are checked ..."""
     with pytest.raises(UnsupportedCombination, match=fragment):
-        composed(*overrides)
+        plan(composed(*overrides, *ON_BOARD))
+    # ... and where it has no effect (the simulator) the core mask collapses instead of failing the run
+    collapsed = plan(composed(*overrides))
+    assert collapsed.config.core_mask == "auto" and "core_mask" in collapsed.collapsed
 
 
 def test_multi_core_masks_accept_batches():
-    assert composed("batch=3", "core_mask=0_1_2").batch == 3
+    assert plan(composed("batch=3", "core_mask=0_1_2", *ON_BOARD)).config.batch == 3
 
 
 def test_platform_list_comes_from_the_installed_toolkit():
@@ -61,7 +69,7 @@ def test_platform_list_comes_from_the_installed_toolkit():
 
 
 def test_sweep_is_expanded_and_every_combination_validated():
-    runs = compose_all(["-m", "resolution=320,640", "algo=normal,kl_divergence"])
+    runs, _ = compose_all(["-m", "resolution=320,640", "algo=normal,kl_divergence"])
     assert sorted((r.resolution, r.algo) for r in runs) == [(320, "kl_divergence"), (320, "normal"),
                                                           (640, "kl_divergence"), (640, "normal")]
     with pytest.raises(ConfigError, match="multiple of 32"):
@@ -69,12 +77,12 @@ def test_sweep_is_expanded_and_every_combination_validated():
 
 
 def test_experiment_declares_its_own_sweep():
-    runs = compose_all(["+experiment=card", "-m"])
+    runs, _ = compose_all(["+experiment=card", "-m"])
     assert {(r.resolution, r.algo) for r in runs} == {(320, "normal"), (320, "kl_divergence"),
                                                      (640, "normal"), (640, "kl_divergence")}
     assert all(r.study == "card" and r.tracking.experiment == "card" for r in runs)
     # the command line wins over the experiment's declared axis
-    assert {r.resolution for r in compose_all(["+experiment=card", "-m", "resolution=416"])} == {416}
+    assert {r.resolution for r in compose_all(["+experiment=card", "-m", "resolution=416"])[0]} == {416}
 
 
 def test_missing_mandatory_value_names_the_key():
@@ -89,7 +97,7 @@ def test_flatten_gives_dotted_params():
 
 @pytest.mark.parametrize("name, size", [("card", 4), ("heads", 4), ("calibration", 9)])
 def test_every_experiment_composes(name, size):
-    runs = compose_all([f"+experiment={name}", "-m"])
+    runs, _ = compose_all([f"+experiment={name}", "-m"])
     assert len(runs) == size and all(r.study == name for r in runs)
 
 

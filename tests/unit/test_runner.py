@@ -17,7 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rkbench.device import runner
+from rkbench.device import modes, runner, runner_io, sampling
+from rkbench.stages.board import bundle_files
+from rkbench.models.detect import InferenceSpec, SpecError
 from rkbench.runtimes import backends
 from test_backends import make_rknn_head_model
 
@@ -33,17 +35,20 @@ class Board:
     images: Path     # images list file
     sysfs: Path      # fake board root
 
-    def run(self, mode: str, *args: str, out: str = "result.json", size: int = SIZE
+    def run(self, mode: str, *args: str, out: str = "result.json", size: int = SIZE, **inference
             ) -> tuple[subprocess.CompletedProcess, dict | None]:
-        cmd = [sys.executable, "runner.py", "--mode", mode, "--model", "model.onnx", "--runtime", "onnxruntime",
-               "--where", "emulator", "--size", str(size), "--threads", "1", "--sysfs-root", str(self.sysfs),
-               "--out", out, *args]
+        """The runner with a spec file holding the inference spec (`inference` overrides its fields)."""
+        spec = dict(dict(input_size=size, head="rknn", num_classes=3, category_ids=[1, 5, 9], runtime="onnxruntime",
+                         threads=1), **inference)
+        (self.dir / f"{out}.spec.json").write_text(json.dumps({"inference": spec}))
+        cmd = [sys.executable, "runner.py", "--spec", f"{out}.spec.json", "--mode", mode, "--model", "model.onnx",
+               "--where", "emulator", "--sysfs-root", str(self.sysfs), "--out", out, *args]
         proc = subprocess.run(cmd, cwd=self.dir, env=self.env, capture_output=True, text=True, timeout=120)
         path = self.dir / out
         return proc, (json.loads(path.read_text()) if path.exists() else None)
 
-    def ok(self, mode: str, *args: str) -> dict:
-        proc, result = self.run(mode, *args)
+    def ok(self, mode: str, *args: str, **inference) -> dict:
+        proc, result = self.run(mode, *args, **inference)
         assert proc.returncode == 0, proc.stderr
         assert result is not None and result["complete"] is True
         return result
@@ -66,9 +71,10 @@ def board(tmp_path_factory) -> Board:
     root = tmp_path_factory.mktemp("board")
     flat = root / "rkbench"
     flat.mkdir()
-    for module in (runner, runner.prepost, backends, runner.stats):    # the modules the runner itself imported
-        shutil.copy(module.__file__, flat / Path(module.__file__).name)
-    assert sorted(p.name for p in flat.iterdir()) == ["backends.py", "prepost.py", "runner.py", "stats.py"]
+    for path in bundle_files().values():    # exactly what the board stage pushes
+        shutil.copy(path, flat / path.name)
+    assert sorted(p.name for p in flat.iterdir()) == ["backends.py", "detect.py", "modes.py", "prepost.py", "runner.py",
+                                                       "runner_io.py", "sampling.py", "stats.py"]
     make_rknn_head_model(flat / "model.onnx", size=SIZE, num_classes=3)
     (flat / "img").mkdir()
     write_images(flat / "img")
@@ -112,8 +118,8 @@ def test_latency_stats_are_consistent(board):
     assert r["model"]["sha256"] and r["model"]["bytes"] == (board.dir / "model.onnx").stat().st_size
 
 
-def eval_detections(board: Board, *args: str) -> tuple[dict, list[dict]]:
-    r = board.ok("eval", "--images", "images.txt", "--category-ids", "1,5,9", *args)
+def eval_detections(board: Board, **inference) -> tuple[dict, list[dict]]:
+    r = board.ok("eval", "--images", "images.txt", **inference)
     return r, json.loads(Path(board.dir / r["eval"]["detections_file"]).read_text())
 
 
@@ -139,8 +145,8 @@ def test_eval_writes_coco_detections(board):
 
 
 def test_eval_batches_give_the_detections_of_single_images(board):
-    _, single = eval_detections(board, "--conf", "0.5")
-    r, batched = eval_detections(board, "--conf", "0.5", "--batch", "3")     # 4 images: the last batch padded
+    _, single = eval_detections(board, conf=0.5)
+    r, batched = eval_detections(board, conf=0.5, batch=3)     # 4 images: the last batch padded
     assert r["eval"]["infer"]["count"] == 2 and len(batched) == len(single) > 0
     key = lambda d: (d["image_id"], d["category_id"], -d["score"])          # noqa: E731
     for a, b in zip(sorted(single, key=key), sorted(batched, key=key)):
@@ -150,12 +156,12 @@ def test_eval_batches_give_the_detections_of_single_images(board):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_throughput_reorders_and_counts_every_frame(board, batch):
-    _, dets = eval_detections(board, "--conf", "0.5")
+    _, dets = eval_detections(board, conf=0.5)
     per_image = [sum(d["image_id"] == i for d in dets) for i in IMAGES]   # images.txt order
     assert len(set(per_image)) > 1, "test images must give different detection counts"
     frames = 14   # with batch 3 the last job holds 2 frames
-    r = board.ok("throughput", "--images", "images.txt", "--conf", "0.5", "--cores", "0,1,2",
-                 "--frames", str(frames), "--warmup", "1", "--batch", str(batch))
+    r = board.ok("throughput", "--images", "images.txt", "--cores", "0,1,2", "--frames", str(frames), "--warmup", "1",
+                 conf=0.5, batch=batch)
     tp = r["throughput"]
     assert tp["frames"] == frames and sum(w["frames"] for w in tp["workers"]) == frames
     assert [w["core_mask"] for w in tp["workers"]] == ["0", "1", "2"] == r["runtime"]["core_masks"]
@@ -167,7 +173,7 @@ def test_throughput_reorders_and_counts_every_frame(board, batch):
 def test_reorderer_releases_in_frame_order():
     order = list(range(50))
     random.Random(0).shuffle(order)
-    reorder = runner.Reorderer()
+    reorder = modes.Reorderer()
     released = [i for index in order for i, item in reorder.push(index, index * 10) if item == i * 10]
     assert released == list(range(50)) and not reorder.held
     assert reorder.early_arrivals > 0 and reorder.max_held > 1
@@ -198,24 +204,29 @@ def test_missing_sysfs_is_recorded_not_fatal(board, tmp_path):
 
 
 def test_null_runtime_measures_the_harness(board):
-    r = board.ok("latency", "--runtime", "null", "--iterations", "3", "--min-seconds", "0", "--image", "img/9.png")
+    r = board.ok("latency", "--iterations", "3", "--min-seconds", "0", "--image", "img/9.png", runtime="null")
     assert r["runtime"]["kind"] == "null" and r["latency"]["infer"]["count"] == 3
     assert r["latency"]["detections_per_iteration"]["mean"] == 0     # zero outputs: no class clears conf
 
 
-def test_decoder_reads_the_class_count_from_each_head():
-    a = np.zeros
-    assert runner.Decoder("rknn", 64, None).classes_in([a((1, 64, 8, 8)), a((1, 7, 8, 8)), a((1, 1, 8, 8))]) == 7
-    assert runner.Decoder("ultralytics", 64, None).classes_in([a((1, 84, 8400))]) == 80
-    anchors = np.ones((3, 3, 2), np.float32)
-    assert runner.Decoder("yolov5", 64, None, anchors=anchors).classes_in([a((1, 3 * 85, 8, 8))]) == 80
+def test_spec_file_round_trips_and_refuses_what_cannot_run(board):
+    spec = InferenceSpec(input_size=64, head="yolov5", num_classes=2, category_ids=(3, 7), batch=2, conf=0.25,
+                         anchors=((10, 13, 16, 30, 33, 23),) * 3, runtime="rknnlite", core_mask="0_1")
+    assert InferenceSpec.from_dict(json.loads(spec.to_json())) == spec
+    with pytest.raises(SpecError, match="2 classes but 3 category ids"):
+        InferenceSpec(input_size=64, head="rknn", num_classes=2, category_ids=(1, 2, 3))
+    with pytest.raises(SpecError, match="unknown inference spec keys size"):
+        InferenceSpec.from_dict(dict(spec.to_dict(), size=64))
+    # the runner says the same in one line, before loading a model
+    proc, _ = board.run("eval", "--images", "images.txt", out="bad.json", category_ids=[1, 2])
+    assert proc.returncode == 1 and "3 classes but 2 category ids" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_npu_load_formats():
-    assert runner.parse_npu_load(NPU_LOAD) == {"0": 37.0, "1": 5.0, "2": 0.0}
-    assert runner.parse_npu_load("NPU load:  12%\n") == {"0": 12.0}          # single-core NPUs
+    assert sampling.parse_npu_load(NPU_LOAD) == {"0": 37.0, "1": 5.0, "2": 0.0}
+    assert sampling.parse_npu_load("NPU load:  12%\n") == {"0": 12.0}          # single-core NPUs
     with pytest.raises(ValueError):
-        runner.parse_npu_load("garbage")
+        sampling.parse_npu_load("garbage")
 
 
 def test_failure_exit_code_and_incomplete_result(board):
@@ -223,10 +234,10 @@ def test_failure_exit_code_and_incomplete_result(board):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("runner: error: RunnerError: images file")
     assert result is not None and result["complete"] is False and "images file" in result["error"]
-    with pytest.raises(runner.ResultError, match="images file"):
-        runner.load_result(str(board.dir / "bad.json"))
+    with pytest.raises(runner_io.ResultError, match="images file"):
+        runner_io.load_result(str(board.dir / "bad.json"))
     # a worker failing in the pool: every thread leaves, the error names the worker's core and the fix
-    proc, result = board.run("throughput", "--cores", "0,1", "--frames", "4", out="bad.json", size=48)
+    proc, result = board.run("throughput", "--cores", "0,1", "--frames", "4", out="bad.json", size=32)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "worker" in proc.stderr and "in warmup" in proc.stderr and "size must match" in proc.stderr
 
@@ -234,11 +245,11 @@ def test_failure_exit_code_and_incomplete_result(board):
 def test_load_result_tells_missing_truncated_and_complete(board, tmp_path):
     r = board.ok("latency", "--iterations", "1", "--min-seconds", "0", "--warmup", "0")
     good = board.dir / "result.json"
-    assert runner.load_result(str(good))["latency"]["iterations"] == r["latency"]["iterations"]
+    assert runner_io.load_result(str(good))["latency"]["iterations"] == r["latency"]["iterations"]
     truncated = tmp_path / "truncated.json"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(runner.ResultError, match="truncated"):
-        runner.load_result(str(truncated))
-    with pytest.raises(runner.ResultError, match="no result"):
-        runner.load_result(str(tmp_path / "absent.json"))
+    with pytest.raises(runner_io.ResultError, match="truncated"):
+        runner_io.load_result(str(truncated))
+    with pytest.raises(runner_io.ResultError, match="no result"):
+        runner_io.load_result(str(tmp_path / "absent.json"))
     assert not list(board.dir.glob("*.tmp"))

@@ -1,27 +1,18 @@
 from __future__ import annotations
 
-from dataclasses import replace
-
-from rkbench.config import RunConfig, TrackingConfig
-from rkbench.tracking import Tracker, fingerprint
-
-
-def test_fingerprint_ignores_where_results_go_but_not_what_is_measured():
-    base = RunConfig()
-    assert fingerprint(base) == fingerprint(replace(base, tracking=TrackingConfig(uri="sqlite:///elsewhere.db"),
-                                                    cache_dir="/tmp/other", resume=False))
-    assert fingerprint(base) != fingerprint(replace(base, algo="mmse"))
-    assert fingerprint(base) != fingerprint(replace(base, resolution=640))
+from rkbench.tracking import Tracker
 
 
 def test_nested_runs_and_resume_lookup(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "study")
     parent = tracker.start("sweep", {"rkbench.kind": "sweep"})
-    child = tracker.start("cfg", {"rkbench.kind": "config", "rkbench.fingerprint": "abc"}, parent=parent)
+    child = tracker.start("cfg", {"rkbench.kind": "config", "rkbench.identity": "abc"}, parent=parent)
     tracker.log(child, {"eval/map50_95": 0.5}, {"resolution": "320"}, {"rkbench.status": "FINISHED"})
     assert tracker.finished_run("abc") is None          # still running: not finished
     tracker.end(child, "FINISHED")
-    assert tracker.finished_run("abc") == child
+    assert tracker.finished_run("abc").info.run_id == child
+    assert tracker.finished_run("abc", within=parent).info.run_id == child
+    assert tracker.finished_run("abc", within="another-sweep") is None
     assert tracker.finished_run("other") is None
     run = tracker.client.get_run(child)
     assert run.data.tags["mlflow.parentRunId"] == parent

@@ -1,0 +1,154 @@
+"""What the board was doing while the runner measured: NPU load per core (debugfs), CPU load
+(/proc/stat), resident memory, and the device tree / devfreq / cpufreq state at measurement time.
+Missing sources are recorded with the reason, never fatal. Board-pushable: numpy only."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+NPU_LOAD = "/sys/kernel/debug/rknpu/load"
+
+
+def parse_npu_load(text: str) -> Dict[str, float]:
+    """'NPU load:  Core0: 12%, Core1:  0%, Core2:  0%,' -> {'0': 12, '1': 0, '2': 0}; single-core 'NPU load: 5%'."""
+    cores = re.findall(r"Core(\d+):\s*(\d+(?:\.\d+)?)%", text)
+    if cores:
+        return {c: float(p) for c, p in cores}
+    m = re.search(r"(\d+(?:\.\d+)?)%", text)
+    if m:
+        return {"0": float(m.group(1))}
+    raise ValueError(f"no percentages in {text.strip()!r}")
+
+
+def read_text(path: str) -> Tuple[Optional[str], str]:
+    """(content, '') or (None, why it could not be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(), ""
+    except FileNotFoundError:
+        return None, f"missing: {path}"
+    except PermissionError:
+        return None, f"permission denied: {path} (debugfs needs root)"
+    except OSError as exc:
+        return None, f"unreadable: {path} ({exc.strerror})"
+
+
+def cpu_times() -> Optional[Tuple[int, int]]:
+    """(busy, total) jiffies of all CPUs from /proc/stat, None where there is none."""
+    text, _ = read_text("/proc/stat")
+    if not text or not text.startswith("cpu "):
+        return None
+    values = [int(v) for v in text.splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)   # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def peak_rss_mib() -> Tuple[Optional[float], str]:
+    text, _ = read_text("/proc/self/status")
+    m = re.search(r"^VmHWM:\s*(\d+)\s*kB", text or "", re.M)
+    if m:
+        return int(m.group(1)) / 1024, "VmHWM"
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "getrusage"   # kB on Linux
+    except (ImportError, OSError):
+        return None, "unavailable"
+
+
+class SystemSampler:
+    """A thread sampling NPU load per core, CPU load and RSS while a measurement runs. Missing sources are
+    recorded with the reason, never fatal."""
+
+    def __init__(self, sysfs_root: str, interval: float):
+        self.npu_path = board_path(sysfs_root, NPU_LOAD)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._npu: Dict[str, List[float]] = {}
+        self._npu_problem = ""
+        self._cpu: List[float] = []
+        self._rss: List[float] = []
+        self._last_cpu: Optional[Tuple[int, int]] = None
+        self.samples = 0
+
+    def __enter__(self) -> "SystemSampler":
+        self._last_cpu = cpu_times()   # CPU load counts from here: model loading and warmup stay out
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                self.sample()   # a last sample at the end: short runs still get one CPU delta
+                return
+
+    def sample(self) -> None:
+        self.samples += 1
+        text, why = read_text(self.npu_path)
+        if text is None:
+            self._npu_problem = why
+        else:
+            try:
+                for core, pct in parse_npu_load(text).items():
+                    self._npu.setdefault(core, []).append(pct)
+            except ValueError as exc:
+                self._npu_problem = f"unparsable: {self.npu_path} ({exc})"
+        now = cpu_times()
+        if now is not None and self._last_cpu is not None and now[1] > self._last_cpu[1]:
+            self._cpu.append(100.0 * (now[0] - self._last_cpu[0]) / (now[1] - self._last_cpu[1]))
+        self._last_cpu = now
+        status, _ = read_text("/proc/self/status")
+        m = re.search(r"^VmRSS:\s*(\d+)\s*kB", status or "", re.M)
+        if m:
+            self._rss.append(int(m.group(1)) / 1024)
+
+    def result(self) -> Dict[str, Any]:
+        if self._npu:
+            npu: Dict[str, Any] = {"available": True, "path": self.npu_path,
+                                   "per_core": {c: {"mean_pct": float(np.mean(v)), "max_pct": float(np.max(v)),
+                                                    "samples": len(v)} for c, v in sorted(self._npu.items())}}
+        else:
+            npu = {"available": False, "path": self.npu_path, "reason": self._npu_problem or "no samples"}
+        cpu: Dict[str, Any] = ({"available": True, "mean_pct": float(np.mean(self._cpu)), "max_pct": float(np.max(self._cpu)),
+                                "samples": len(self._cpu)} if self._cpu
+                               else {"available": False, "reason": "no /proc/stat deltas"})
+        peak, source = peak_rss_mib()
+        return {"interval_s": self.interval, "samples": self.samples, "npu_load": npu, "cpu_load": cpu,
+                "memory": {"peak_rss_mib": peak, "source": source,
+                           "rss_mib_max_sampled": max(self._rss) if self._rss else None}}
+
+
+
+def board_path(sysfs_root: str, path: str) -> str:
+    return os.path.join(sysfs_root, path.lstrip("/")) if sysfs_root else path
+
+
+def _first_line(sysfs_root: str, path: str) -> Optional[str]:
+    text, _ = read_text(board_path(sysfs_root, path))
+    return text.strip() if text is not None else None
+
+
+def board_facts(sysfs_root: str) -> Dict[str, Any]:
+    """Device tree, NPU driver, devfreq and cpufreq state at measurement time (None where absent)."""
+    compat, _ = read_text(board_path(sysfs_root, "/proc/device-tree/compatible"))
+    facts: Dict[str, Any] = {"compatible": [c for c in compat.split("\0") if c] if compat else None,
+                             "rknpu_version": _first_line(sysfs_root, "/sys/kernel/debug/rknpu/version"),
+                             "devfreq": {}, "cpufreq": {}}
+    for group, base, names in (("devfreq", "/sys/class/devfreq", ("cur_freq", "governor")),
+                               ("cpufreq", "/sys/devices/system/cpu/cpufreq", ("scaling_cur_freq", "scaling_governor"))):
+        directory = board_path(sysfs_root, base)
+        entries = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for entry in entries:
+            facts[group][entry] = {n: _first_line(sysfs_root, f"{base}/{entry}/{n}") for n in names}
+    return facts
+

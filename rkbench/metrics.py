@@ -1,0 +1,85 @@
+"""Every metric name rkbench logs, defined here and nowhere else.
+
+One scheme: `<group>/<name>`. Where a number was measured is part of its name wherever it can differ
+(`latency/simulator_infer_ms_p50` vs `latency/board_py_infer_ms_p50`), so no host or simulator time can
+be read as NPU latency. Stages, the board stage (which turns the runner's JSON into metrics), the
+console table and the report all build and read names through this module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+WHERE = {
+    "board": "on the board's NPU (the only place NPU latency is measured)",
+    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol): not NPU latency",
+    "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
+    "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
+}
+STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv")
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    what: str
+    where: str          # the place it is measured; "name" = in the metric name itself
+
+
+GROUPS = {g.name: g for g in (
+    Group("eval", "COCO metrics of the target runtime (map50_95, map50, map75, map_small/medium/large, ar1/10/100)",
+          "the run's device kind (tag rkbench.device_kind)"),
+    Group("eval_float", "COCO metrics of the float ONNX (the reference beside an int8 run)", "host"),
+    Group("counts", "correct / false / missed detections at each confidence threshold: counts/c<conf>/<field>",
+          "the run's device kind"),
+    Group("latency", "per-call times in ms: latency/<where>_<part>_ms_<stat>, part = infer (host, simulator) or "
+          "py_pre / py_infer / py_post / py_total (board runner)", "name"),
+    Group("throughput", "frames per second: single stream (<where>_single_fps), a worker pool (<where>_fps), "
+          "frame latency and per-core share", "name"),
+    Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
+    Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
+          "name"),
+    Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB", "board"),
+    Group("perf", "rknn-toolkit2 eval_perf per-layer times (perf_debug)", "board"),
+    Group("deploy", "files pushed / skipped, MiB pushed and seconds to deploy a configuration", "the link to the board"),
+    Group("convert", "rknn-toolkit2 build seconds and .rknn size", "host"),
+    Group("export", "exported ONNX size", "host"),
+    Group("calib", "calibration images actually used", "host"),
+    Group("sweep", "configurations of a sweep by status (on the parent run)", "host"),
+)}
+
+
+def group(name: str) -> Optional[Group]:
+    return GROUPS.get(name.split("/", 1)[0])
+
+
+def where(name: str) -> Optional[str]:
+    """The place a metric was measured when its name says it (board, emulator, simulator, host)."""
+    head, _, rest = name.partition("/")
+    if head == "eval_float":
+        return "host"
+    place = rest.split("_", 1)[0]
+    return place if place in WHERE else None
+
+
+def latency(place: str, part: str, stat: str) -> str:
+    return f"latency/{place}_{part}_ms_{stat}"
+
+
+def latency_stats(place: str, part: str, stats: dict[str, float]) -> dict[str, float]:
+    return {latency(place, part, k): float(v) for k, v in stats.items() if k in STATS}
+
+
+def counts(conf: float, field: str) -> str:
+    return f"counts/c{conf:g}/{field}"
+
+
+def system(place: str, mode: str, what: str) -> str:
+    return f"system/{place}_{mode}_{what}"
+
+
+EVAL_MAP = "eval/map50_95"
+# The short result table: the first of each that a run has.
+KEY_METRICS = (EVAL_MAP, "eval_float/map50_95", "eval/map50", latency("board", "py_infer", "p50"),
+               latency("emulator", "py_infer", "p50"), "throughput/board_fps", "throughput/emulator_fps",
+               latency("simulator", "infer", "p50"), latency("host", "infer", "p50"), "convert/build_s")

@@ -1,0 +1,72 @@
+"""The run spec: where each axis applies, the run identity (settings + the bytes of every input file +
+tool versions), and the inference spec built from the config and the exported model."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from rkbench.config import ASSETS, BoardConfig, CalibConfig, RunConfig, TrackingConfig
+from rkbench.data.demo import demo_dataset
+from rkbench.spec import identity, inference_spec, plan
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return demo_dataset(tmp_path_factory.mktemp("demo"), limit=4)
+
+
+def key(run: RunConfig, dataset) -> str:
+    return identity(plan(run), dataset).key
+
+
+def test_axes_without_effect_collapse_and_say_why():
+    p = plan(RunConfig(core_mask="0", batch=2))                   # simulator: batch applies, core mask does not
+    assert p.config.core_mask == "auto" and p.config.batch == 2
+    assert "core_mask=0 (NPU cores are chosen only on a board" in p.tag()
+    ort = plan(RunConfig(target="onnxruntime", algo="mmse", batch=4, calib=CalibConfig(size=8)))
+    assert (ort.config.algo, ort.config.batch, ort.config.calib.size) == ("normal", 1, 16)
+    assert set(ort.collapsed) == {"algo", "batch", "calib.size"}
+    fp16 = plan(RunConfig(quantize=False, algo="kl_divergence"))
+    assert fp16.config.algo == "normal" and "quantize=False" in fp16.collapsed["algo"]
+    board = plan(RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555"), core_mask="0_1_2", batch=3))
+    assert board.collapsed == {} and board.config.core_mask == "0_1_2"
+    onnx_board = plan(RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555", runtime="onnxruntime"),
+                                core_mask="1"))
+    assert onnx_board.config.core_mask == "auto" and "board.runtime=onnxruntime" in onnx_board.collapsed["core_mask"]
+
+
+def test_identity_ignores_where_results_go_and_collapsed_axes(dataset):
+    base = RunConfig()
+    assert key(base, dataset) == key(replace(base, tracking=TrackingConfig(uri="sqlite:///elsewhere.db"),
+                                             cache_dir="/somewhere/else", resume=False), dataset)
+    assert key(base, dataset) == key(replace(base, core_mask="0_1_2"), dataset)          # no effect on the simulator
+    assert key(base, dataset) != key(replace(base, algo="mmse"), dataset)
+    assert key(base, dataset) != key(replace(base, resolution=640), dataset)
+
+
+def test_identity_follows_file_contents_not_paths(dataset, tmp_path):
+    weights = tmp_path / "best.pt"
+    shutil.copy(ASSETS / "demo_yolov8n.pt", weights)
+    run = RunConfig()
+    run.model.weights = str(weights)
+    before = key(run, dataset)
+    weights.write_bytes(weights.read_bytes() + b"retrained")          # retrained into the same path
+    assert key(run, dataset) != before
+    other = demo_dataset(tmp_path / "demo", limit=4)
+    image = other.images[0].path
+    assert key(run, other) == key(run, dataset) != before            # same bytes elsewhere: same identity
+    image.write_bytes(image.read_bytes()[:-1] + b"\0")                 # one image changed
+    assert key(run, other) != key(run, dataset)
+
+
+def test_inference_spec_takes_the_model_facts_from_the_export(dataset):
+    run = plan(RunConfig(batch=2, core_mask="0_1_2", target="board", board=BoardConfig(address="x:5555"))).config
+    info = {"head": "rknn", "num_classes": 4, "reg_max": 16, "input_shape": [1, 3, 320, 320]}
+    spec = inference_spec(run, info, dataset, "rknnlite")
+    assert (spec.input_size, spec.num_classes, spec.batch, spec.core_mask) == (320, 4, 2, "0_1_2")
+    assert spec.category_ids == tuple(dataset.category_ids)
+    host = inference_spec(run, info, dataset, "onnxruntime")
+    assert (host.batch, host.core_mask) == (1, "auto")              # the ONNX has a batch of 1, no NPU cores
