@@ -13,16 +13,9 @@ Wire (checked against the adb servers of Debian (29.0.6) and adbutils' bundled b
 - `sync:` carries its own framing inside the stream bytes: STAT, LIST, SEND (DATA chunks <= 64 KiB, DONE
   with the mtime, answered OKAY or FAIL+message), RECV (DATA chunks, DONE; FAIL+message) and QUIT.
 
-Board filesystem (`BoardRoot`): a sandbox directory holds a board-like tree (root/proc/device-tree/...,
-root/sys/..., root/data/local/tmp/...). Absolute paths under the board prefixes (`BOARD_PREFIXES`: /data,
-/sys, /vendor, /proc/device-tree, the librknnrt/rknn_server/python3 files) map to root + path:
-- sync requests map them; any other path is refused (FAIL), so sync and shell never disagree;
-- shell commands run with /bin/sh on the host, in root (cwd and HOME), after the same prefix
-  substitution on the command text, with root/usr/bin first on PATH (a `python3` there execs the host's
-  Python, so the on-device runner runs with ONNX Runtime) and RKBENCH_BOARD_ROOT=root in the environment
-  for programs that read board paths from files; sandbox paths in the output are mapped back to board
-  paths. This is a path convention, not a security boundary: shell commands run as the host user.
-  Output is raw (no pty, no CRLF), stdout and stderr merged.
+Board filesystem: a sandbox directory laid out like a board (`make_board_tree`), with board paths mapped
+into it by `BoardRoot` (rkbench/device/sandbox.py, shared with LocalTransport): sync requests map them and
+refuse any other path (FAIL), shell commands run in the sandbox with the same mapping.
 
 Faults (`FaultPlan`) make the failure paths testable: drop the TCP connection mid-push, SIGKILL a
 running command's processes, truncate a pulled file, a full disk, a command that never ends.
@@ -33,8 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import posixpath
-import re
 import signal
 import socket
 import struct
@@ -49,6 +40,8 @@ from typing import Callable, Optional
 
 import psutil
 
+from rkbench.device.sandbox import BOARD_PREFIXES, BoardRoot, write_file
+
 log = logging.getLogger("rkbench.emulator")
 
 
@@ -62,11 +55,6 @@ MAX_PAYLOAD = 256 * 1024
 SYNC_DATA_MAX = 64 * 1024
 HEADER = struct.Struct("<6I")
 
-BOARD_PREFIXES = ("/data", "/sys", "/vendor", "/proc/device-tree", "/usr/lib/librknnrt.so",
-                  "/usr/bin/rknn_server", "/usr/bin/python3")
-# A board prefix at the start of a path word: not preceded by a path character, followed by / or a non-path one.
-_PREFIX_RE = re.compile(r"(?<![\w.~/-])(" + "|".join(re.escape(p) for p in BOARD_PREFIXES) + r")(?=[/\s'\"`;|&()<>:]|$)")
-_SAFE_ROOT = re.compile(r"^[A-Za-z0-9_./+-]+$")
 EMULATOR_MODEL = "rkbench-emulator"     # ro.product.model in the banner; `adb devices -l` shows rkbench_emulator
 
 # Board facts per SoC: device-tree compatible and the NPU devfreq node name.
@@ -79,56 +67,6 @@ _SOCS = {
 }
 
 
-class BoardRoot:
-    """Maps board paths into a sandbox directory (see the module docstring)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root).resolve()
-        if not _SAFE_ROOT.match(str(self.root)):
-            # The root is spliced into shell command text; quoting survives only with plain characters.
-            raise ValueError(f"board sandbox path {self.root} has characters a shell would interpret: use a plain path")
-        self._marker = str(self.root).encode() + b"/"
-
-    def host_path(self, remote: str) -> Optional[Path]:
-        """Host path of a board path, or None when it lies outside the board prefixes."""
-        path = posixpath.normpath(remote)
-        for prefix in BOARD_PREFIXES:
-            if path == prefix or path.startswith(prefix + "/"):
-                return self.root / path.lstrip("/")
-        return None
-
-    def rewrite(self, command: str) -> str:
-        return _PREFIX_RE.sub(lambda m: str(self.root) + m.group(1), command)
-
-    def unmap(self, output: bytes) -> bytes:
-        """Sandbox paths in command output back to board paths ("<root>/data/x" -> "/data/x")."""
-        return output.replace(self._marker, b"/")
-
-    def held_back(self, output: bytes) -> int:
-        """How many trailing bytes could start a sandbox path split across two reads."""
-        for k in range(min(len(self._marker) - 1, len(output)), 0, -1):
-            if output.endswith(self._marker[:k]):
-                return k
-        return 0
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(HOME=str(self.root), RKBENCH_BOARD_ROOT=str(self.root),
-                   PATH=f"{self.root / 'usr/bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}")
-        return env
-
-    def ensure_python(self) -> None:
-        """root/usr/bin/python3: the host's interpreter (a wrapper, so a venv keeps its packages)."""
-        _write(self.root / "usr/bin/python3", f'#!/bin/sh\nexec {sys.executable} "$@"\n', mode=0o755)
-
-
-def _write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = content.encode() if isinstance(content, str) else content
-    path.write_bytes(data)
-    path.chmod(mode)
-
-
 def make_board_tree(root: Path, soc: str = "rk3588", *, librknnrt_version: str = "2.3.0",
                     rknn_server_version: Optional[str] = None, npu_driver: str = "0.9.8", dmc: bool = True) -> BoardRoot:
     """Write the files a board has into root (idempotent; root/data is left alone)."""
@@ -137,18 +75,18 @@ def make_board_tree(root: Path, soc: str = "rk3588", *, librknnrt_version: str =
     board, npu_node, policies = _SOCS[soc]
     box = BoardRoot(root)
     r = box.root
-    _write(r / "proc/device-tree/compatible", f"{board}\0rockchip,{soc}\0")
-    _write(r / "sys/kernel/debug/rknpu/version", f"RKNPU driver: v{npu_driver}\n")
-    _write(r / "sys/kernel/debug/rknpu/load", "NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,\n")
+    write_file(r / "proc/device-tree/compatible", f"{board}\0rockchip,{soc}\0")
+    write_file(r / "sys/kernel/debug/rknpu/version", f"RKNPU driver: v{npu_driver}\n")
+    write_file(r / "sys/kernel/debug/rknpu/load", "NPU load:  Core0:  0%, Core1:  0%, Core2:  0%,\n")
     npu = r / "sys/class/devfreq" / npu_node
     for name, value in (("cur_freq", "1000000000"), ("governor", "rknpu_ondemand"), ("min_freq", "300000000"),
                         ("max_freq", "1000000000"),
                         ("available_frequencies", "300000000 400000000 500000000 600000000 700000000 800000000 900000000 1000000000")):
-        _write(npu / name, value + "\n")
+        write_file(npu / name, value + "\n")
     dmc_dir = r / "sys/class/devfreq/dmc"
     if dmc:
-        _write(dmc_dir / "cur_freq", "2112000000\n")
-        _write(dmc_dir / "governor", "dmc_ondemand\n")
+        write_file(dmc_dir / "cur_freq", "2112000000\n")
+        write_file(dmc_dir / "governor", "dmc_ondemand\n")
     else:
         for f in dmc_dir.glob("*"):
             f.unlink()
@@ -156,13 +94,13 @@ def make_board_tree(root: Path, soc: str = "rk3588", *, librknnrt_version: str =
             dmc_dir.rmdir()
     for i, policy in enumerate(policies):
         cpu = r / "sys/devices/system/cpu/cpufreq" / policy
-        _write(cpu / "scaling_cur_freq", ("1800000" if i == 0 else "2256000") + "\n")
-        _write(cpu / "scaling_governor", "schedutil\n")
+        write_file(cpu / "scaling_cur_freq", ("1800000" if i == 0 else "2256000") + "\n")
+        write_file(cpu / "scaling_governor", "schedutil\n")
     # Stand-ins carrying the version strings the real binaries embed.
-    _write(r / "usr/lib/librknnrt.so", b"\x7fELF\x02\x01\x01\0" + b"\0" * 56
+    write_file(r / "usr/lib/librknnrt.so", b"\x7fELF\x02\x01\x01\0" + b"\0" * 56
            + f"\0librknnrt version: {librknnrt_version} (c949ad889d@2024-11-07T11:35:33)\0".encode())
     server = rknn_server_version or librknnrt_version
-    _write(r / "usr/bin/rknn_server",
+    write_file(r / "usr/bin/rknn_server",
            f'#!/bin/sh\necho "start rknn server, version:{server} (e80ac5c build@2024-11-07T12:52:53)"\n', mode=0o755)
     box.ensure_python()
     (r / "data/local/tmp").mkdir(parents=True, exist_ok=True)
@@ -469,9 +407,7 @@ class EmulatedBoard:
             self._fire("hang_shell")
             stream.closed.wait()     # never answers; the host gives up and closes the stream
             return
-        proc = subprocess.Popen(["/bin/sh", "-c", self.fs.rewrite(command)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.root,
-                                env=self.fs.env(), start_new_session=True)
+        proc = self.fs.spawn(command)
         # The host closing the stream (timeout, Ctrl-C) or the connection dying ends the command, like adbd.
         stream.on_close(lambda: _kill_tree(proc.pid, include_root=True))
         if faults.kill_shell_matching and faults.kill_shell_matching in command:
