@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
+from rkbench.device.adb import AdbTransport
 from rkbench.device.emulator import EmulatedBoard, FaultPlan
-from rkbench.device.transport import AdbTransport
 
 
 def free_port() -> int:

@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rkbench.device.transport import AdbTransport, Transport
+from rkbench.device.adb import AdbTransport
+from rkbench.device.transport import Transport
 from rkbench.errors import DeviceError
 
 # $1 = remote root, $2 = Python snippet. Prints key=value lines; absent things print nothing or empty.

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from rkbench.device import doctor
+from rkbench.device.adb import AdbTransport
 from rkbench.device.deploy import deploy, deploy_with_report
 from rkbench.device.emulator import EmulatedBoard, FaultPlan
-from rkbench.device.transport import AdbTransport, sha256_file
+from rkbench.device.transport import sha256_file
 from rkbench.errors import DeviceError
 
 REMOTE = "/data/local/tmp/rkbench/test"

@@ -11,7 +11,9 @@ from typing import Iterator
 
 import pytest
 
-from rkbench.device.emulator import A_CLSE, A_CNXN, A_OKAY, A_OPEN, A_VERSION, A_WRTE, BoardRoot, EmulatedBoard
+from rkbench.device.emulator import EmulatedBoard
+from rkbench.device.emulator.wire import A_CLSE, A_CNXN, A_OKAY, A_OPEN, A_VERSION, A_WRTE
+from rkbench.device.sandbox import BoardRoot
 
 HEADER = struct.Struct("<6I")
 REPO = Path(__file__).resolve().parents[2]

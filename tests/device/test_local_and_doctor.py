@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from rkbench.device.deploy import deploy_with_report
 from rkbench.device.emulator import make_board_tree
 from rkbench.device.transport import LocalTransport, retry, sha256_file
 from rkbench.errors import DeviceError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -56,6 +60,16 @@ def test_deploy_pushes_once_per_content(local: LocalTransport, tmp_path: Path) -
     model.write_bytes(b"changed")
     changed = deploy_with_report(fresh, {"model": model})
     assert changed.pushed == ["model"] and changed.paths["model"] != first.paths["model"]
+
+
+def test_board_code_does_not_load_the_emulator() -> None:
+    """Transports, deploy, doctor and the board stage tell an emulated board by what it announces: the
+    emulator package is never imported by them (a fresh interpreter, as this session has loaded it)."""
+    code = ("import sys, rkbench.device.transport, rkbench.device.adb, rkbench.device.deploy, rkbench.device.doctor, "
+            "rkbench.stages.board; print(sorted(m for m in sys.modules if m.startswith('rkbench.device.emulator')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_retry_only_retries_retryable_errors() -> None:

@@ -1,0 +1,275 @@
+"""A board behind an adb server (USB serial, or `adb connect IP:PORT`), through adbutils.
+
+Commands use the legacy `shell:` service with `; echo MARK$?` for the exit status and a deadline on the
+whole command; files use the `sync:` service (STAT, SEND, RECV v1) directly on the adb stream, so a
+failure is mapped to a DeviceError naming the fix (retryable when the link may come back). Whether the
+board is emulated is read from what it announces (its adb model), never from emulator code.
+"""
+
+from __future__ import annotations
+
+import socket
+import stat
+import struct
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from rkbench.device.transport import ShellResult, Transport, command_line, sync_fail_message, timeout_message
+from rkbench.errors import DeviceError
+
+if TYPE_CHECKING:
+    from adbutils import AdbConnection
+
+SYNC_DATA_MAX = 64 * 1024
+_EXIT_MARK = "RKBENCH_EXIT:"
+# The model the emulated board announces in its banner (ro.product.model=rkbench-emulator), as
+# `adb devices -l` shows it (adb turns '-' into '_'). A real board announces its own model.
+EMULATED_MODEL = "rkbench_emulator"
+
+
+def _local_server(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _server_up(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_adb_server(host: str, port: int, timeout_s: float = 30.0) -> None:
+    """Start an adb server on host:port if none answers (only on this machine)."""
+    if _server_up(host, port):
+        return
+    if not _local_server(host):
+        raise DeviceError(f"no adb server answers at {host}:{port}: start one there (`adb -P {port} start-server`) "
+                          "or fix board.adb_host/board.adb_port")
+    import adbutils
+    exe = adbutils.adb_path()
+    try:
+        subprocess.run([exe, "-P", str(port), "start-server"], stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=timeout_s, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DeviceError(f"could not start an adb server on port {port} with {exe} ({exc}): "
+                          "install adb (platform-tools) or start the server by hand") from exc
+    if not _server_up(host, port):
+        raise DeviceError(f"adb server on port {port} did not come up: run `{exe} -P {port} start-server` by hand and read its error")
+
+
+def _map_adb_error(exc: BaseException, action: str, where: str) -> DeviceError:
+    """adbutils / socket errors -> DeviceError with the fix; retryable when the link may come back."""
+    from adbutils.errors import AdbConnectionError, AdbTimeout
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, AdbConnectionError):
+        return DeviceError(f"{action}: adb server unreachable ({text}): start it (`adb start-server`) or fix "
+                           "board.adb_host/board.adb_port")
+    if "unauthorized" in text:
+        return DeviceError(f"{action}: {where} is unauthorized: accept the RSA key prompt on the board "
+                           "(or put the host's adbkey.pub in /data/misc/adb/adb_keys)")
+    if "not found" in text or "offline" in text or "no devices" in text:
+        return DeviceError(f"{action}: {where} is {text.strip()}: check power and cable/network, then "
+                           "`adb connect IP:5555`", retryable=True)
+    if isinstance(exc, (AdbTimeout, socket.timeout, TimeoutError)):
+        return DeviceError(f"{action}: {where} stopped answering ({text}): check the link", retryable=True)
+    if isinstance(exc, (OSError, EOFError)):
+        return DeviceError(f"{action}: connection to {where} lost ({text}): check the link", retryable=True)
+    return DeviceError(f"{action} on {where} failed: {text}; run `python -m rkbench doctor` to check the board",
+                       retryable=True)
+
+
+class AdbTransport(Transport):
+    """A board behind an adb server: USB serial, or `address` (IP:PORT) for `adb connect`."""
+
+    kind = "adb"
+
+    def __init__(self, serial: Optional[str] = None, address: Optional[str] = None, adb_host: str = "127.0.0.1",
+                 adb_port: int = 5037, *, connect_timeout_s: float = 15.0, io_timeout_s: float = 60.0):
+        import adbutils
+        self.address = address
+        self.adb_host, self.adb_port = adb_host, adb_port
+        self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
+        ensure_adb_server(adb_host, adb_port)
+        self._client = adbutils.AdbClient(host=adb_host, port=adb_port)
+        if address:
+            self._connect(address)
+        self.serial = serial or address or self._only_device()
+        self._wait_ready()
+
+    # ---- link ------------------------------------------------------------------------------------
+    def _connect(self, address: str) -> None:
+        try:
+            answer = self._client.connect(address, timeout=self.connect_timeout_s)
+        except Exception as exc:  # adbutils raises AdbError/AdbTimeout/OSError
+            raise _map_adb_error(exc, f"adb connect {address}", address) from exc
+        if "connected to" not in answer:
+            raise DeviceError(f"adb connect {address}: {answer.strip()}: check the board is on, reachable and "
+                              "adbd listens on TCP (`setprop service.adb.tcp.port 5555` on the board)", retryable=True)
+
+    def _only_device(self) -> str:
+        try:
+            ready = [d.serial for d in self._client.list() if d.state == "device"]
+        except Exception as exc:
+            raise _map_adb_error(exc, "adb devices", "the adb server") from exc
+        if len(ready) != 1:
+            raise DeviceError(f"{len(ready)} boards attached ({', '.join(ready) or 'none'}): "
+                              "set board.serial=<serial> or board.address=IP:5555")
+        return ready[0]
+
+    def _state(self) -> Optional[str]:
+        try:
+            return next((d.state for d in self._client.list() if d.serial == self.serial), None)
+        except Exception as exc:
+            raise _map_adb_error(exc, "adb devices", "the adb server") from exc
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout_s
+        state = self._state()
+        while state != "device":
+            if state == "unauthorized":
+                raise DeviceError(f"{self.serial} is unauthorized: accept the RSA key prompt on the board")
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{self.serial} is {state or 'absent'} after {self.connect_timeout_s:g}s: "
+                                  "check power and cable/network, then `adb connect IP:5555`", retryable=True)
+            if state is None and self.address:
+                self._connect(self.address)
+            time.sleep(0.2)
+            state = self._state()
+
+    def model(self) -> Optional[str]:
+        """The model the board announced (`adb devices -l`; adb turns '-' into '_')."""
+        try:
+            info = next((d for d in self._client.list(extended=True) if d.serial == self.serial), None)
+        except Exception as exc:
+            raise _map_adb_error(exc, "adb devices -l", "the adb server") from exc
+        return info.tags.get("model") if info else None
+
+    @property
+    def emulated(self) -> bool:
+        """What the board says it is: the emulated board announces EMULATED_MODEL."""
+        return self.model() == EMULATED_MODEL
+
+    def recover(self) -> None:
+        """After a dropped link: wait for the server to reconnect (it does for TCP), else connect again."""
+        self._wait_ready()
+
+    def _device(self):
+        return self._client.device(self.serial)
+
+    def describe(self) -> str:
+        return f"adb:{self.serial} (server {self.adb_host}:{self.adb_port})"
+
+    # ---- commands --------------------------------------------------------------------------------
+    def shell(self, args: list[str], timeout: float) -> ShellResult:
+        """Legacy `shell:` with `; echo MARK$?` for the exit status, and a deadline on the whole command."""
+        command = command_line(args)
+        deadline = time.monotonic() + timeout
+        try:
+            conn = self._device().open_shell(f"{command}; echo {_EXIT_MARK}$?")
+        except Exception as exc:
+            raise _map_adb_error(exc, "open shell", self.serial) from exc
+        chunks = []
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                conn.conn.settimeout(left)
+                chunk = conn.conn.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            raise DeviceError(timeout_message(command, timeout, self.serial)) from None
+        except OSError as exc:
+            raise DeviceError(f"connection to {self.serial} lost while running `{command[:80]}` ({exc}): "
+                              "check the link; the command may still be running on the board") from exc
+        finally:
+            conn.close()      # closing the stream ends the command on the board (the emulator kills it)
+        output = b"".join(chunks).decode("utf-8", "replace")
+        mark = output.rfind(_EXIT_MARK)
+        if mark < 0:
+            raise DeviceError(f"`{command[:80]}` on {self.serial} ended without an exit status (connection lost?): "
+                              "check the link and the board's log (dmesg)")
+        try:
+            exit_code = int(output[mark + len(_EXIT_MARK):].strip())
+        except ValueError:
+            raise DeviceError(f"`{command[:80]}` on {self.serial}: unreadable exit status: check the board's shell") from None
+        return ShellResult(exit_code, output[:mark])
+
+    @contextmanager
+    def _sync(self, action: str) -> Iterator["AdbConnection"]:
+        """A `sync:` stream; adbutils/socket errors inside become DeviceError with the fix."""
+        try:
+            conn = self._device().open_transport(timeout=self.io_timeout_s)
+            try:
+                conn.send_command("sync:")
+                conn.check_okay()
+                yield conn
+            finally:
+                conn.close()
+        except DeviceError:
+            raise
+        except Exception as exc:  # AdbError, AdbTimeout, OSError, EOFError
+            raise _map_adb_error(exc, action, self.serial) from exc
+
+    @staticmethod
+    def _request(conn: "AdbConnection", rid: bytes, path: str) -> None:
+        data = path.encode()
+        conn.conn.sendall(rid + struct.pack("<I", len(data)) + data)
+
+    def _push_once(self, local: Path, remote: str) -> None:
+        """SEND v1: "path,mode", DATA chunks of at most 64 KiB, DONE with the mtime; OKAY or FAIL+message."""
+        mode = stat.S_IFREG | (local.stat().st_mode & 0o777)
+        with self._sync(f"push {local.name} -> {remote}") as conn:
+            try:
+                self._request(conn, b"SEND", f"{remote},{mode}")
+                with local.open("rb") as f:
+                    for chunk in iter(lambda: f.read(SYNC_DATA_MAX), b""):
+                        conn.conn.sendall(b"DATA" + struct.pack("<I", len(chunk)) + chunk)
+                conn.conn.sendall(b"DONE" + struct.pack("<I", int(local.stat().st_mtime)))
+            except OSError:
+                pass        # the board may have failed early (disk full) and closed: its answer says why
+            status = conn.read_exact(8)
+            if status[:4] == b"FAIL":
+                message = conn.read_exact(struct.unpack("<I", status[4:])[0]).decode("utf-8", "replace")
+                raise DeviceError(sync_fail_message("push", remote, message))
+            if status[:4] != b"OKAY":
+                raise DeviceError(f"push {local.name} -> {remote}: unexpected answer {status!r}", retryable=True)
+        size = self._stat(remote)[1]
+        if size != local.stat().st_size & 0xFFFFFFFF:
+            raise DeviceError(f"push {local.name} -> {remote}: {size} bytes arrived of {local.stat().st_size}",
+                              retryable=True)
+
+    def _stat(self, remote: str) -> tuple[int, int, int]:
+        """STAT v1: mode, size (low 32 bits), mtime; all 0 when the file does not exist."""
+        with self._sync(f"stat {remote}") as conn:
+            self._request(conn, b"STAT", remote)
+            answer = conn.read_exact(16)
+        if answer[:4] != b"STAT":
+            raise DeviceError(f"stat {remote}: unexpected answer {answer[:4]!r}", retryable=True)
+        return struct.unpack("<III", answer[4:])
+
+    def _exists_once(self, remote: str) -> bool:
+        return self._stat(remote)[0] != 0
+
+    def _pull_once(self, remote: str, local: Path) -> None:
+        """RECV v1: DATA chunks then DONE, or FAIL with a message."""
+        with self._sync(f"pull {remote}") as conn, local.open("wb") as f:
+            self._request(conn, b"RECV", remote)
+            while True:
+                head = conn.read_exact(8)
+                rid, length = head[:4], struct.unpack("<I", head[4:])[0]
+                if rid == b"DONE":
+                    return
+                if rid == b"FAIL":
+                    message = conn.read_exact(length).decode("utf-8", "replace")
+                    raise DeviceError(f"pull {remote} from {self.serial} failed: {message}; check the step that "
+                                      "should write it (its output is in the run's log)")
+                if rid != b"DATA" or length > SYNC_DATA_MAX:
+                    raise DeviceError(f"pull {remote}: garbled sync answer {rid!r}", retryable=True)
+                f.write(conn.read_exact(length))
