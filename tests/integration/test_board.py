@@ -178,28 +178,28 @@ def test_connection_lost_while_running_is_retried_from_scratch(first_run, workdi
 
 
 def test_faults_in_a_sweep_fail_their_child_and_the_sweep_goes_on(first_run, workdir, adb_server, quiet_board, capsys):
-    # resolution=96 needs a new model on the board (disk full); warmup=3 gets its runner killed, twice.
-    quiet_board.faults = FaultPlan(free_bytes=64 * 1024, kill_shell_matching="--warmup 3", kill_after_s=0.2)
-    argv = ["-m"] + common(workdir, quiet_board, adb_server.port) + ["resolution=96,128", "measure.warmup=3,1",
-                                                            "measure.modes=[latency]", "measure.iterations=5",
+    # resolution=96 needs a new model on the board (disk full); latency mode gets its runner killed, twice.
+    quiet_board.faults = FaultPlan(free_bytes=64 * 1024, kill_shell_matching="--mode latency", kill_after_s=0.2)
+    argv = ["-m"] + common(workdir, quiet_board, adb_server.port) + ["resolution=96,128",
+                                                            "measure.modes=[latency],[eval]", "measure.iterations=5",
                                                             "measure.min_seconds=0.2", "resume=false"]
     assert main(argv) == 1
     [parent] = runs(workdir, "sweep")
     children = [r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    by_axes = {(r.data.params["resolution"], r.data.params["measure.warmup"]): r for r in children}
-    assert sorted(by_axes) == [("128", "1"), ("128", "3"), ("96", "1"), ("96", "3")]
-    for key in (("96", "3"), ("96", "1")):
+    by_axes = {(r.data.params["resolution"], r.data.params["measure.modes"]): r for r in children}
+    assert sorted(by_axes) == [("128", "['eval']"), ("128", "['latency']"), ("96", "['eval']"), ("96", "['latency']")]
+    for key in (("96", "['latency']"), ("96", "['eval']")):
         failed = by_axes[key]
         assert failed.info.status == "FAILED"
         assert "disk is full" in failed.data.tags["rkbench.error"]
         assert failed.data.tags["rkbench.device_kind"] == "emulator"   # recorded before the failure
-    killed = by_axes[("128", "3")]
+    killed = by_axes[("128", "['latency']")]
     assert killed.info.status == "FAILED"
     assert "killed" in killed.data.tags["rkbench.error"] and "first attempt failed too" in killed.data.tags["rkbench.error"]
-    assert killed.data.metrics["deploy/pushed"] == 0                  # logged before the runner died
+    assert killed.data.metrics["deploy/pushed"] == 1   # only its spec file was new; logged before the runner died
     assert quiet_board.fired["kill_shell"] == 2                       # retried once, from scratch
-    assert by_axes[("128", "1")].info.status == "FINISHED"
-    assert "latency/emulator_py_infer_ms_p50" in by_axes[("128", "1")].data.metrics
+    assert by_axes[("128", "['eval']")].info.status == "FINISHED"
+    assert "eval/map50_95" in by_axes[("128", "['eval']")].data.metrics
     assert parent.info.status == "FAILED" and parent.data.metrics["sweep/failed"] == 3
     assert "3 of 4 configurations FAILED" in capsys.readouterr().err
 
