@@ -6,17 +6,12 @@ import math
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
+from rkbench.metrics import WHERE
 from rkbench.report.runs import Pivot, RunRecord, Selection
 
 # Counts columns in the runs table (at the lowest logged threshold) and in the counts section.
 COUNT_FIELDS = ("gt", "correct", "false", "missed", "correct_ratio", "false_ratio", "missed_ratio")
 LATENCY_STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv")
-WHERE = {
-    "board": "on the board's NPU (the only place NPU latency is measured)",
-    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol): not NPU latency",
-    "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
-    "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
-}
 
 
 def fmt(value: object) -> str:
@@ -143,7 +138,7 @@ def _runs_table(sel: Selection) -> list[str]:
 
 
 def _failures(sel: Selection) -> list[str]:
-    failed = [r for r in sel.runs if r.status not in ("FINISHED", "SKIPPED")]
+    failed = [r for r in sel.runs if r.status not in ("FINISHED", "REUSED")]
     if not failed:
         return []
     lines = ["", "## Failures", ""]
@@ -156,6 +151,26 @@ def _failures(sel: Selection) -> list[str]:
             line += f" — hint: {r.tags['rkbench.hint']}"
         lines.append(line.replace("\n", " "))
     return lines
+
+
+def _reused(sel: Selection) -> list[str]:
+    """Rows whose numbers were measured earlier, in another run (a link run of this sweep)."""
+    links = [r for r in sel.runs if r.tags.get("rkbench.kind") == "link"]
+    if not links:
+        return []
+    return ["", "## Reused measurements", "",
+            "Not measured again in this sweep: the same configuration (same settings, same input file contents, "
+            "same tool versions) had FINISHED before. `resume=false` measures again.", ""] + [
+        f"- **{r.name}**: measured in run `{r.tags.get('rkbench.link_to', '?')}` ({r.tags.get('rkbench.measured_in', '')}) "
+        f"at {r.tags.get('rkbench.measured_at', '?')}" for r in links]
+
+
+def _collapsed(sel: Selection) -> list[str]:
+    collapsed = _distinct(sel.runs, "rkbench.collapsed")
+    if not collapsed:
+        return []
+    return ["", "## Axes without effect on the target", "",
+            "Collapsed to their defaults (one measurement, not one per value):", ""] + [f"- {c}" for c in collapsed]
 
 
 def pivot_table(p: Pivot) -> str:
@@ -199,6 +214,7 @@ def _counts(sel: Selection) -> list[str]:
 
 def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated: datetime) -> str:
     """The whole report; `pivots` pairs each pivot with its plot file name (relative), or None."""
-    lines = (_header(sel, generated) + _where(sel) + _runs_table(sel) + _failures(sel) + _pivots(pivots)
+    lines = (_header(sel, generated) + _where(sel) + _runs_table(sel) + _reused(sel) + _collapsed(sel)
+             + _failures(sel) + _pivots(pivots)
              + _latency(sel) + _counts(sel))
     return "\n".join(lines) + "\n"
