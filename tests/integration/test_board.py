@@ -23,6 +23,8 @@ from rkbench.device.doctor import BoardFacts, Finding
 from rkbench.device.emulator import EmulatedBoard, FaultPlan
 from rkbench.errors import DeviceError
 from rkbench.models import prepost
+from rkbench.device import session
+from rkbench.device import toolkit_perf as perf
 from rkbench.stages import board as stage
 
 pytestmark = pytest.mark.slow
@@ -231,11 +233,11 @@ def test_doctor_takes_the_sweeps_board_settings(adb_server, quiet_board, capsys)
 def test_worker_masks_follow_the_socs_cores():
     run = RunConfig()
     run.measure.workers, run.measure.cores = 4, "0_1_2"
-    assert stage.worker_masks(run) == ["0", "1", "2", "0"]
+    assert session.worker_masks(run) == ["0", "1", "2", "0"]
     run.platform = "rk3576"
-    assert stage.worker_masks(run) == ["0", "1", "0", "1"]
+    assert session.worker_masks(run) == ["0", "1", "0", "1"]
     run.platform = "rk3568"
-    assert stage.worker_masks(run) == ["auto"] * 4
+    assert session.worker_masks(run) == ["auto"] * 4
 
 
 def test_only_what_the_runtime_uses_blocks_a_run():
@@ -249,7 +251,7 @@ def test_only_what_the_runtime_uses_blocks_a_run():
 
 
 def test_image_list_paths_are_relative_to_the_list():
-    assert stage.image_ref("/data/local/tmp/rkbench", "/data/local/tmp/rkbench/cache/0123456789abcdef/a b.jpg") \
+    assert session.image_ref("/data/local/tmp/rkbench", "/data/local/tmp/rkbench/cache/0123456789abcdef/a b.jpg") \
         == "../0123456789abcdef/a b.jpg"
 
 
@@ -304,7 +306,7 @@ class FakeRKNN:
 
 def test_toolkit_perf_retries_without_fixed_frequencies_when_dmc_is_missing(tmp_path):
     fake = FakeRKNN(dmc=False)
-    metrics, tags, files = stage.toolkit_perf(tmp_path / "m.rknn", "rk3588", "192.168.1.222:5555", False,
+    metrics, tags, files = perf.toolkit_perf(tmp_path / "m.rknn", "rk3588", "192.168.1.222:5555", False,
                                               tmp_path / "perf", make_rknn=lambda: fake)
     assert [c for c in fake.calls if c[0] == "eval_perf"] == [("eval_perf", True), ("eval_perf", False)]
     assert fake.calls[1] == ("init_runtime", {"target": "rk3588", "device_id": "192.168.1.222:5555",
@@ -320,7 +322,7 @@ def test_toolkit_perf_retries_without_fixed_frequencies_when_dmc_is_missing(tmp_
 
 def test_toolkit_perf_keeps_fixed_frequencies_where_it_can(tmp_path):
     fake = FakeRKNN(dmc=True, perf={"layers": [{"ID": 1, "Time(us)": 500}, {"ID": 2, "Time(us)": 250}]})
-    metrics, tags, _ = stage.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: fake)
+    metrics, tags, _ = perf.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: fake)
     assert [c for c in fake.calls if c[0] == "eval_perf"] == [("eval_perf", True)]
     assert tags["rkbench.toolkit_perf.fix_freq"] == "true"
     assert metrics["perf/board_layers"] == 2 and metrics["perf/board_layers_total_ms"] == pytest.approx(0.75)
@@ -329,15 +331,15 @@ def test_toolkit_perf_keeps_fixed_frequencies_where_it_can(tmp_path):
 def test_toolkit_perf_failures_name_the_fix(tmp_path):
     fake = FakeRKNN(dmc=True, perf_error="rknn_server not responding")
     with pytest.raises(DeviceError, match="rknn_server"):
-        stage.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: fake)
+        perf.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: fake)
     assert [c for c in fake.calls if c[0] == "eval_perf"] == [("eval_perf", True)] and fake.released
     with pytest.raises(DeviceError, match="start rknn_server"):
-        stage.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: FakeRKNN(init_ret=-1))
+        perf.toolkit_perf(tmp_path / "m.rknn", "rk3588", "S", True, tmp_path, make_rknn=lambda: FakeRKNN(init_ret=-1))
 
 
 def test_deploy_groups_keep_each_hash_command_short(tmp_path):
     files = {f"image{i}": tmp_path / f"{'x' * 60}_{i}.jpg" for i in range(200)}
-    groups = stage.path_groups(files, "/data/local/tmp/rkbench", budget=3000)
+    groups = session.path_groups(files, "/data/local/tmp/rkbench", budget=3000)
     assert len(groups) > 1 and [n for g in groups for n in g] == list(files)
     for group in groups:
         assert sum(len(f"'/data/local/tmp/rkbench/cache/0123456789abcdef/{p.name}' ") for p in group.values()) < 4096

@@ -1,0 +1,235 @@
+"""The host side of the on-device runner: deploy a configuration's files into the board's
+content-addressed cache (model, runner bundle, spec file, images, images list: what is there is
+skipped), then run one runner mode at a time and pull its result.
+
+Retries: a mode whose connection dropped, whose runner was killed by a signal, or whose result came back
+missing or incomplete runs once more, from scratch, into a new result file (a measurement is never
+stitched from two runs). A timeout, or an error the runner reported itself, is not retried."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rkbench.config import NPU_CORES, RunConfig
+from rkbench.data.datasets import Dataset
+from rkbench.device.deploy import cache_path, deploy_with_report
+from rkbench.device.transport import Transport
+from rkbench.errors import DeviceError
+from rkbench.models.detect import InferenceSpec
+
+log = logging.getLogger("rkbench.board")
+
+# Characters of board paths per `sha256sum` round trip during deploy: keeps one adb shell command under
+# the 4 KiB that old adbd versions accept for a service request.
+COMMAND_BUDGET = 3000
+SIGNAL_EXIT = 128            # sh reports a process killed by signal N as 128 + N
+
+
+# ----------------------------------------------------------------------------------------------- deploy
+
+def bundle_files() -> dict[str, Path]:
+    """The on-device runner and the board-pushable modules it imports flat (found where Python loads them)."""
+    from rkbench import stats
+    from rkbench.device import modes, runner, runner_io, sampling
+    from rkbench.models import detect, prepost
+    from rkbench.runtimes import backends
+
+    return {"runner": Path(runner.__file__), **{m.__name__.rsplit(".", 1)[-1]: Path(m.__file__) for m in
+                                                 (detect, prepost, backends, stats, modes, runner_io, sampling)}}
+
+
+def write_local(folder: Path, name: str, text: str) -> Path:
+    """A generated input file at a content-addressed local path (same text, same file)."""
+    path = folder / hashlib.sha256(text.encode()).hexdigest()[:16] / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
+def image_ref(remote_root: str, remote_image: str) -> str:
+    """An image's path relative to any file in the board cache (the images list lies in a sibling cache
+    dir). Relative, because the runner reads it from a file: the emulator maps board paths only in
+    command text, and a real board needs no mapping."""
+    return posixpath.relpath(remote_image, posixpath.dirname(cache_path(remote_root, "0" * 64, "x")))
+
+
+def path_groups(files: dict[str, Path], remote_root: str, budget: int = COMMAND_BUDGET) -> list[dict[str, Path]]:
+    """Files in groups whose board paths (<root>/cache/<16 hex>/<name>, quoted) fit one shell command."""
+    groups: list[dict[str, Path]] = []
+    current: dict[str, Path] = {}
+    size = 0
+    for name, path in files.items():
+        cost = len(remote_root) + len(path.name) + 32
+        if current and size + cost > budget:
+            groups.append(current)
+            current, size = {}, 0
+        current[name] = path
+        size += cost
+    return groups + ([current] if current else [])
+
+
+@dataclass
+class Deployed:
+    model: str
+    runner: str
+    pythonpath: str            # board dirs of the modules the runner imports flat
+    images: str                # images list: image_id<TAB>path relative to the list
+    spec: str                  # the run's spec file: inference spec + measure settings
+    pushed: int = 0
+    skipped: int = 0
+    pushed_bytes: int = 0
+    seconds: float = 0.0
+
+
+def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
+    """What the runner reads: the inference spec (the same object the host evaluates with) and how to measure."""
+    m = run.measure
+    width, height = m.tile_frame
+    measure = {"warmup": m.warmup, "iterations": m.iterations, "min_seconds": m.min_seconds, "frames": m.frames,
+               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap}
+    return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
+
+
+def deploy_inputs(transport: Transport, run: RunConfig, model: Path, spec: InferenceSpec, dataset: Dataset,
+                  work: Path) -> Deployed:
+    root = run.board.remote_root
+    t0 = time.perf_counter()
+    files: dict[str, Path] = {"model": model, **bundle_files(),
+                              "spec": write_local(work, "spec.json", spec_file(run, spec))}
+    images = {f"image{rec.id}": rec.path for rec in dataset.images}
+    groups = [files] + path_groups(images, root)
+    paths: dict[str, str] = {}
+    pushed: list[str] = []
+    skipped: list[str] = []
+    local = dict(files, **images)
+
+    def place(group: dict[str, Path]) -> None:
+        report = deploy_with_report(transport, group, root)
+        paths.update(report.paths)
+        pushed.extend(report.pushed)
+        skipped.extend(report.skipped)
+
+    for group in groups:
+        place(group)
+    listing = "".join(f"{rec.id}\t{image_ref(root, paths[f'image{rec.id}'])}\n" for rec in dataset.images)
+    local["images"] = write_local(work, "images.txt", listing)
+    place({"images": local["images"]})
+    return Deployed(model=paths["model"], runner=paths["runner"],
+                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(p) for k, p in paths.items()
+                                                      if k in bundle_files() and k != "runner")),
+                    images=paths["images"], spec=paths["spec"], pushed=len(pushed), skipped=len(skipped),
+                    pushed_bytes=sum(local[n].stat().st_size for n in pushed), seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- run modes
+
+def worker_masks(run: RunConfig) -> list[str]:
+    """Throughput: the NPU core of each of measure.workers workers, round robin over measure.cores, keeping
+    only cores the SoC has (a single-core SoC takes auto)."""
+    cores = NPU_CORES.get(run.platform, 1)
+    usable = [c for c in run.measure.cores.split("_") if int(c) < cores] if cores > 1 else []
+    usable = usable or ["auto"]
+    return [usable[i % len(usable)] for i in range(run.measure.workers)]
+
+
+class _Retry(Exception):
+    """This attempt failed in a way that a fresh attempt may not (link dropped, runner killed, result lost)."""
+
+
+def _runner_message(output: str) -> str:
+    """The runner's own `runner: error: ...` line (it names the fix), else the last line of its output."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    message = (errors or lines or ["(no output)"])[-1][:500]
+    if "No module named" in message:   # before the runner could report anything: its imports failed
+        message += ("; the runner needs numpy and opencv (pip install numpy opencv-python-headless on the board) "
+                    "and its engine (onnxruntime or rknn-toolkit-lite2)")
+    return message
+
+
+@dataclass
+class BoardSession:
+    """One configuration's runs of the on-device runner: builds commands, runs them, pulls results."""
+
+    transport: Transport
+    run: RunConfig
+    deployed: Deployed
+    dataset: Dataset
+    where: str
+    local_dir: Path
+    remote_dir: str
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    def command(self, mode: str, out: str, detections: str) -> list[str]:
+        """Everything about the model and how to measure is in the spec file; the command says what to do."""
+        d = self.deployed
+        args = ["env", f"PYTHONPATH={d.pythonpath}", self.run.board.python, d.runner, "--spec", d.spec,
+                "--mode", mode, "--model", d.model, "--out", out, "--where", self.where]
+        if mode == "eval":
+            args += ["--images", d.images, "--detections", detections]
+        elif mode in ("latency", "throughput"):
+            args += ["--images", d.images]
+        return args   # tiling: a synthetic frame of measure.tile_frame
+
+    def run_mode(self, mode: str) -> dict[str, Any]:
+        """The complete result of one mode; at most two attempts, each from scratch."""
+        failures: list[str] = []
+        for attempt in (1, 2):
+            self.attempts[mode] = attempt
+            try:
+                return self._attempt(mode, attempt)
+            except _Retry as why:
+                failures.append(str(why))
+                log.warning("%s on %s, attempt %d: %s", mode, self.where, attempt, why)
+                if attempt == 1:
+                    self.transport.recover()
+        raise DeviceError(f"{failures[1]} (the first attempt failed too: {failures[0]})")
+
+    def _attempt(self, mode: str, attempt: int) -> dict[str, Any]:
+        from rkbench.device.runner_io import ResultError, load_result
+
+        out = f"{self.remote_dir}/{mode}-{attempt}.json"
+        detections = f"{self.remote_dir}/{mode}-{attempt}.detections.json"
+        timeout = self.run.board.timeout_s
+        started = time.monotonic()
+        try:
+            result = self.transport.shell(self.command(mode, out, detections), timeout=timeout)
+        except DeviceError as exc:
+            if time.monotonic() - started >= timeout:
+                raise DeviceError(f"runner {mode} did not finish within {timeout:g}s on the {self.where}: raise "
+                                  "board.timeout_s or lower measure.iterations/min_seconds/frames") from exc
+            raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
+        code = result.exit_code
+        if code == 127:
+            raise DeviceError(f"{self.run.board.python} (or env) not found on the {self.where}: install python3 "
+                              "there or set board.python=/path/to/python3")
+        if code >= SIGNAL_EXIT:
+            raise _Retry(f"runner {mode} was killed on the {self.where} (signal {code - SIGNAL_EXIT}): look for the "
+                         "OOM killer in the board's dmesg, free memory there or lower measure.workers")
+        if code != 0:
+            raise DeviceError(f"runner {mode} failed on the {self.where} (exit {code}): {_runner_message(result.output)}")
+        local = self.local_dir / f"{mode}.json"
+        try:
+            self.transport.pull(out, local)
+            loaded = load_result(str(local))
+            if mode == "eval":
+                self.transport.pull(detections, self.local_dir / "eval.detections.json")
+        except (DeviceError, ResultError) as exc:
+            raise _Retry(f"result of runner {mode} unusable: {exc}") from exc
+        return loaded
+
+    def cleanup(self) -> None:
+        try:
+            self.transport.shell(["rm", "-rf", self.remote_dir], timeout=60)
+        except DeviceError as exc:   # results are already here; a stale folder on the board is harmless
+            log.warning("could not remove %s on the board: %s", self.remote_dir, exc)
