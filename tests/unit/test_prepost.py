@@ -142,7 +142,8 @@ def _iou(a, b):
     iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0  # two empty boxes do not overlap
 
 
 def _brute_nms(boxes, scores, thr, limit=0):
@@ -159,14 +160,43 @@ def _random_boxes(rng, n, span, size):
     return np.concatenate([xy, xy + rng.uniform(*size, (n, 2))], 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("n,span,thr,limit", [(200, 80, 0.5, 0), (300, 40, 0.3, 0), (500, 200, 0.7, 50), (7, 30, 0.5, 0)])
-def test_nms_matches_brute_force(n, span, thr, limit):
+# nms() resolves the greedy order in vectorised rounds, then a plain-Python pass (_ROUNDS 0: only that pass),
+# and falls back to a blocked variant past _MAX_PAIRS candidate pairs (0: always): each must be exact.
+NMS_PATHS = [{}, {"_ROUNDS": 0}, {"_ROUNDS": 1}, {"_MAX_PAIRS": 0}]
+
+
+@pytest.mark.parametrize("path", NMS_PATHS)
+@pytest.mark.parametrize("n,span,thr,limit", [(200, 80, 0.5, 0), (300, 40, 0.3, 0), (500, 200, 0.7, 50), (7, 30, 0.5, 0),
+                                              (300, 20, 0.0, 0), (150, 10, 0.9, 0),
+                                              (40, 100, -0.1, 0)])
+def test_nms_matches_brute_force(n, span, thr, limit, path, monkeypatch):
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
     rng = np.random.default_rng(n)
     boxes = _random_boxes(rng, n, span, (5, 30))
     scores = rng.uniform(0, 1, n).astype(np.float32)
     keep = prepost.nms(boxes, scores, thr, limit=limit)
     assert keep.tolist() == _brute_nms(boxes, scores, thr, limit)
-    assert 0 < len(keep) < n or n < 10
+    assert 0 < len(keep) < n or n < 10 or thr < 0
+    # duplicated boxes, tied scores (lower index first), zero-size boxes
+    boxes[n // 2:] = boxes[:n - n // 2]
+    boxes[::7, 2] = boxes[::7, 0]
+    scores = np.round(scores, 1)
+    assert prepost.nms(boxes, scores, thr, limit=limit).tolist() == _brute_nms(boxes, scores, thr, limit)
+
+
+@pytest.mark.parametrize("path", NMS_PATHS)
+def test_nms_settles_a_long_chain(path, monkeypatch):
+    """Each box overlaps only its neighbours, scores falling along the chain: every second box survives,
+    which takes the greedy order one box at a time (more than _ROUNDS rounds)."""
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
+    x = np.arange(200, dtype=np.float32) * 2
+    boxes = np.stack([x, np.zeros_like(x), x + 10, np.full_like(x, 10)], 1)
+    scores = np.linspace(1, 0.01, 200).astype(np.float32)
+    assert prepost.nms(boxes, scores, 0.5).tolist() == list(range(0, 200, 2))
+    assert prepost.nms(boxes, scores, 0.5, limit=3).tolist() == [0, 2, 4]
+    assert prepost.nms(boxes, scores, 0.5, limit=-1).tolist() == list(range(0, 200, 2))  # < 1: no limit
 
 
 def test_nms_empty():
@@ -187,9 +217,12 @@ def test_select_is_per_class():
     assert c.tolist() == [0, 1]
 
 
-def test_select_matches_per_class_brute_force():
+@pytest.mark.parametrize("path", NMS_PATHS)
+def test_select_matches_per_class_brute_force(path, monkeypatch):
     """Candidates partly outside the image (negative coordinates, as decoders produce): classes must still
     never suppress each other; conf filter and max_det apply."""
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
     rng = np.random.default_rng(7)
     boxes = _random_boxes(rng, 400, 100, (10, 60)) - 30
     scores = (rng.random((400, 4)) ** 3).astype(np.float32)
