@@ -75,9 +75,11 @@ def decode_rknn_head(outputs: Sequence[np.ndarray], num_classes: int, reg_max: i
     """rknn_model_zoo YOLOv8 layout, per scale: box distribution [1, 4*reg_max, H, W] (raw),
     class scores [1, nc, H, W] (sigmoid), score sum [1, 1, H, W]. DFL = softmax expectation.
 
-    min_score > 0 uses the score sum as rknn_model_zoo does: a cell whose clipped class-score sum is below
-    min_score has no class score above it, so on a scale where fewer than half the cells pass only those
-    are decoded and returned. select(conf_thr >= min_score) gives the same detections either way.
+    min_score > 0: on a scale where fewer than half the cells have a class score >= min_score, only those
+    are decoded (DFL included) and returned, in order; select(conf_thr >= min_score) gives the same
+    detections either way (boxes to float32 rounding: numpy's reductions round by array size).
+    rknn_model_zoo's C demo skips on the score-sum output instead: a looser bound, and one quantised
+    separately on the NPU, which can drop a cell whose best score passes.
     0 (default) returns every anchor, in the official head's order."""
     if len(outputs) % 3:
         raise ValueError(f"rknn head expects 3 outputs per scale, got {len(outputs)}")
@@ -86,18 +88,19 @@ def decode_rknn_head(outputs: Sequence[np.ndarray], num_classes: int, reg_max: i
     bins = np.arange(reg_max, dtype=np.float32)
     all_boxes, all_scores = [], []
     for i in range(0, len(outputs), 3):
-        box, cls, total = outputs[i], outputs[i + 1], outputs[i + 2]
+        box, cls = outputs[i], outputs[i + 1]  # outputs[i + 2], the score sum, is not needed
         h, w = box.shape[2], box.shape[3]
         stride = input_h / h
-        dist = box.reshape(4, reg_max, h * w).astype(np.float32)
+        dist = box.reshape(4, reg_max, h * w)
         scores = cls.reshape(num_classes, h * w)
         gx, gy = _grid(h, w)
-        cells = np.flatnonzero(total.reshape(h * w) >= min_score) if min_score > 0 else None
+        cells = np.flatnonzero(scores.max(axis=0) >= min_score) if min_score > 0 else None
         if cells is not None and 2 * cells.size < h * w:  # the gathers below cost more than they save otherwise
             # np.take keeps C order; fancy indexing on the last axis would not (and slows the math below)
             dist, scores = np.take(dist, cells, axis=2), np.take(scores, cells, axis=1)
             gx, gy = gx[cells], gy[cells]
         # DFL: softmax over the bins, then its expectation = (bins . e) / sum(e), one matmul
+        dist = dist.astype(np.float32, copy=False)
         e = dist - dist.max(axis=1, keepdims=True)
         np.exp(e, out=e)
         ltrb = np.matmul(bins, e) / e.sum(axis=1)  # (4, cells)
