@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench import zoo_yolov8
 from rkbench.models import prepost
 
 
@@ -239,6 +240,48 @@ def test_select_matches_per_class_brute_force(path, monkeypatch):
     assert (s >= 0.2).all() and (np.diff(s) <= 0).all()
     top = prepost.select(boxes, scores, 0.2, 0.5, max_det=10)
     np.testing.assert_allclose(top[1], s[:10])
+
+
+def _clustered_rknn_outputs(rng, size: int, nc: int, objects: int) -> list:
+    """Rknn-head outputs like a trained model's: scores under 0.001 but around `objects` blobs of cells,
+    where one class scores high; neighbouring cells predict boxes of similar size, so they overlap and
+    NMS has work to do at both of the zoo's settings."""
+    outs = []
+    for stride in (8, 16, 32):
+        h = w = size // stride
+        dist = rng.normal(0, 3, (1, 64, 1, 1)) + rng.normal(0, 1, (1, 64, h, w))
+        cls = rng.random((1, nc, h, w)) * 1e-3
+        gy, gx = np.mgrid[:h, :w]
+        for cx, cy, k in zip(rng.integers(0, w, objects), rng.integers(0, h, objects), rng.integers(0, nc, objects)):
+            blob = (gx - cx) ** 2 + (gy - cy) ** 2 <= rng.integers(1, 4) ** 2
+            cls[0, k][blob] = np.maximum(cls[0, k][blob], rng.random(int(blob.sum())) ** 2)
+        cls = cls.astype(np.float32)
+        outs += [dist.astype(np.float32), cls, np.clip(cls.sum(1, keepdims=True), 0, 1)]
+    return outs
+
+
+@pytest.mark.parametrize("size,nc,seed", [(640, 80, 0), (320, 80, 1), (320, 3, 2), (256, 1, 3)])
+@pytest.mark.parametrize("conf,iou", [(zoo_yolov8.OBJ_THRESH, zoo_yolov8.NMS_THRESH),
+                                      (zoo_yolov8.MAP_OBJ_THRESH, zoo_yolov8.MAP_NMS_THRESH)])
+def test_same_boxes_as_rknn_model_zoo(size, nc, seed, conf, iou):
+    """rknn_model_zoo's YOLOv8 post_process (re-implemented in bench/zoo_yolov8.py) and rkbench's
+    decode_rknn_head(min_score) + select, uncapped, return the same detections."""
+    outs = _clustered_rknn_outputs(np.random.default_rng(seed), size, nc, objects=40)
+    zoo = zoo_yolov8.post_process(outs, conf, iou, img_size=(size, size))
+    boxes, scores, classes = prepost.select(*prepost.decode_rknn_head(outs, nc, min_score=conf), conf, iou, 1 << 30)
+    assert zoo_yolov8.differences(zoo, boxes, scores, classes) == []
+    candidates = int((prepost.decode_rknn_head(outs, nc)[1].max(1) >= conf).sum())
+    assert 0 < len(boxes) < candidates  # NMS suppressed boxes
+    # the comparison itself notices a lost box or a changed class
+    assert zoo_yolov8.differences(zoo, boxes[1:], scores[1:], classes[1:])
+    assert zoo_yolov8.differences(zoo, boxes, scores, (classes + 1) % max(nc, 2))
+
+
+def test_zoo_reference_dfl_matches_torch():
+    """The reference's numpy DFL is the zoo's torch one."""
+    torch = pytest.importorskip("torch")  # noqa: F841
+    dist = np.random.default_rng(5).normal(0, 3, (1, 64, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(zoo_yolov8.dfl_numpy(dist), zoo_yolov8.dfl_torch(dist), atol=1e-5)
 
 
 def test_yolov5_decode_centre_cell():
