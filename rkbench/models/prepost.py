@@ -6,14 +6,16 @@ no torch) and keeps to Python 3.8 syntax. Same letterbox, decode and NMS everywh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 Boxes = np.ndarray  # (N, 4) float32 xyxy
 
-_NMS_BLOCK = 32          # candidates whose IoU rows are computed together in nms()
+_NMS_BLOCK = 32          # candidates whose IoU rows are computed together in _nms_blocked()
 _MAX_CANDIDATES = 30000  # select() keeps at most this many (highest-score) candidates for NMS
+_MAX_PAIRS = 1 << 20     # nms() beyond this many candidate pairs (see _sweep): the blocked variant
+_ROUNDS = 8              # vectorised greedy rounds in _resolve_greedy before its plain-Python pass
 
 
 @dataclass
@@ -73,9 +75,11 @@ def decode_rknn_head(outputs: Sequence[np.ndarray], num_classes: int, reg_max: i
     """rknn_model_zoo YOLOv8 layout, per scale: box distribution [1, 4*reg_max, H, W] (raw),
     class scores [1, nc, H, W] (sigmoid), score sum [1, 1, H, W]. DFL = softmax expectation.
 
-    min_score > 0 uses the score sum as rknn_model_zoo does: a cell whose clipped class-score sum is below
-    min_score has no class score above it, so on a scale where fewer than half the cells pass only those
-    are decoded and returned. select(conf_thr >= min_score) gives the same detections either way.
+    min_score > 0: on a scale where fewer than half the cells have a class score >= min_score, only those
+    are decoded (DFL included) and returned, in order; select(conf_thr >= min_score) gives the same
+    detections either way (boxes to float32 rounding: numpy's reductions round by array size).
+    rknn_model_zoo's C demo skips on the score-sum output instead: a looser bound, and one quantised
+    separately on the NPU, which can drop a cell whose best score passes.
     0 (default) returns every anchor, in the official head's order."""
     if len(outputs) % 3:
         raise ValueError(f"rknn head expects 3 outputs per scale, got {len(outputs)}")
@@ -84,18 +88,19 @@ def decode_rknn_head(outputs: Sequence[np.ndarray], num_classes: int, reg_max: i
     bins = np.arange(reg_max, dtype=np.float32)
     all_boxes, all_scores = [], []
     for i in range(0, len(outputs), 3):
-        box, cls, total = outputs[i], outputs[i + 1], outputs[i + 2]
+        box, cls = outputs[i], outputs[i + 1]  # outputs[i + 2], the score sum, is not needed
         h, w = box.shape[2], box.shape[3]
         stride = input_h / h
-        dist = box.reshape(4, reg_max, h * w).astype(np.float32)
+        dist = box.reshape(4, reg_max, h * w)
         scores = cls.reshape(num_classes, h * w)
         gx, gy = _grid(h, w)
-        cells = np.flatnonzero(total.reshape(h * w) >= min_score) if min_score > 0 else None
+        cells = np.flatnonzero(scores.max(axis=0) >= min_score) if min_score > 0 else None
         if cells is not None and 2 * cells.size < h * w:  # the gathers below cost more than they save otherwise
             # np.take keeps C order; fancy indexing on the last axis would not (and slows the math below)
             dist, scores = np.take(dist, cells, axis=2), np.take(scores, cells, axis=1)
             gx, gy = gx[cells], gy[cells]
         # DFL: softmax over the bins, then its expectation = (bins . e) / sum(e), one matmul
+        dist = dist.astype(np.float32, copy=False)
         e = dist - dist.max(axis=1, keepdims=True)
         np.exp(e, out=e)
         ltrb = np.matmul(bins, e) / e.sum(axis=1)  # (4, cells)
@@ -136,14 +141,126 @@ def decode_yolov5(outputs: Sequence[np.ndarray], anchors: np.ndarray, num_classe
 
 
 def nms(boxes: Boxes, scores: np.ndarray, iou_thr: float, limit: int = 0) -> np.ndarray:
-    """Greedy NMS; keep indices in score-descending order; stop after `limit` kept (0 = no limit),
-    which bounds the work when thousands of low-score candidates survive a 0.001 threshold.
+    """Greedy NMS; keep indices in score-descending order; stop after `limit` kept (0 = no limit).
+    A box is dropped when its IoU with a kept, higher-scoring box exceeds iou_thr (ties in score: lower
+    index first)."""
+    return _greedy_nms(np.asarray(boxes, dtype=np.float32), np.asarray(scores), None, iou_thr, limit)
 
-    Exactly the one-box-at-a-time greedy result, computed in blocks: the IoU of the next `_NMS_BLOCK`
-    candidates against all later ones comes from one array expression, and the per-box step is a
-    boolean OR. That keeps numpy calls per kept box at ~2 instead of ~15 (the loop was the cost)."""
+
+def _greedy_nms(b: Boxes, scores: np.ndarray, classes: Optional[np.ndarray], iou_thr: float, limit: int = 0
+                ) -> np.ndarray:
+    """Exactly the one-box-at-a-time greedy result (per class when `classes` is given), without a Python
+    step per box: the IoU is computed only for the pairs of a class that overlap enough along one axis to
+    possibly pass iou_thr (a sort and a searchsorted find them, _sweep), and the greedy order is resolved
+    on the pairs above iou_thr (_resolve_greedy)."""
+    n = len(scores)
     order = np.argsort(-scores, kind="stable")
-    b = np.asarray(boxes, dtype=np.float32)[order]
+    if n < 2:
+        return order.astype(np.int64)[:limit if limit > 0 else None]
+    # IoU <= overlap along an axis / either box's extent on it, so a pair can pass iou_thr only when the box
+    # starting later starts before the other's end minus iou_thr of the other's extent (float64 and 0.999:
+    # slack for the float32 rounding of the IoU). Sweep along the axis where that leaves fewer pairs.
+    reach = 0.999 * max(float(iou_thr), 0.0)
+    sweeps = [_sweep(b[:, axis], b[:, axis + 2], reach, classes) + (axis,) for axis in (0, 1)]
+    by_lo, count, pairs, axis = min(sweeps, key=lambda sw: sw[2])
+    if pairs > _MAX_PAIRS or iou_thr < 0:  # thousands of boxes of one class on one spot: bound the memory;
+        return _nms_blocked(b, scores, classes, iou_thr, limit)  # < 0: disjoint boxes suppress each other too
+    if pairs:
+        over_i, over_j = _overlapping_pairs(b[by_lo], count, pairs, axis, reach, iou_thr)
+        rank = np.empty(n, dtype=np.int32)
+        rank[order] = np.arange(n, dtype=np.int32)
+        rank = rank[by_lo]  # in sweep order, like the pairs
+        ri, rj = rank[over_i], rank[over_j]
+        order = order[_resolve_greedy(n, np.minimum(ri, rj), np.maximum(ri, rj))]
+    return order.astype(np.int64)[:limit if limit > 0 else None]
+
+
+def _sweep(lo: np.ndarray, hi: np.ndarray, reach: float, classes: Optional[np.ndarray]
+           ) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Boxes sorted by (class, lo) and, for each in that order, how many of the next ones have the same class
+    and start before its hi - reach * extent: _greedy_nms's candidate pairs. Integer keys (class, rank of lo
+    among the lo values) keep the comparison exact whatever the coordinates' magnitude."""
+    hi = hi.astype(np.float64)
+    values = np.unique(lo)
+    key = np.searchsorted(values, lo)
+    end = np.searchsorted(values, hi - reach * (hi - lo))  # lo_j < bound <=> rank of lo_j < end
+    if classes is not None:
+        base = classes.astype(np.int64) * len(values)
+        key, end = key + base, end + base
+    order = np.argsort(key, kind="stable")
+    count = np.maximum(np.searchsorted(key[order], end[order]) - np.arange(1, len(lo) + 1), 0)
+    return order, count, int(count.sum())
+
+
+def _overlapping_pairs(b: Boxes, count: np.ndarray, pairs: int, axis: int, reach: float, iou_thr: float
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (i, j > i) of _sweep, boxes `b` in its order, whose IoU exceeds iou_thr. Box i's
+    partners are i+1 .. i+count[i]; values of the i side come from np.repeat (a sequential copy, cheaper
+    than a gather)."""
+    n = len(b)
+    first = np.cumsum(count) - count  # first pair of each box
+    j = np.arange(pairs, dtype=np.int32) + np.repeat((np.arange(1, n + 1) - first).astype(np.int32), count)
+    lo, hi, o_lo, o_hi = b[:, axis], b[:, axis + 2], b[:, 1 - axis], b[:, 3 - axis]
+    ext = o_hi - o_lo
+    # the other axis first (cheap, usually drops most pairs): overlap there must also beat reach * extents
+    ov = np.minimum(np.repeat(o_hi, count), o_hi[j])
+    ov -= np.maximum(np.repeat(o_lo, count), o_lo[j])
+    keep = np.flatnonzero(ov > reach * np.maximum(np.repeat(ext, count), ext[j]))
+    i = (np.searchsorted(first, keep, side="right") - 1).astype(np.int32)
+    j, ov = j[keep], np.maximum(ov[keep], 0)
+    inter = np.minimum(hi[i], hi[j]) - lo[j]  # lo[j] >= lo[i] in sweep order
+    np.maximum(inter, 0, out=inter)
+    inter *= ov
+    areas = np.maximum(hi - lo, 0) * np.maximum(ext, 0)
+    over = np.flatnonzero(inter / (areas[i] + areas[j] - inter + 1e-9) > iou_thr)
+    return i[over], j[over]
+
+
+def _resolve_greedy(n: int, better: np.ndarray, worse: np.ndarray) -> np.ndarray:
+    """Greedy NMS on ranks 0..n-1 (0 = best score) given the suppressing pairs (better rank, worse rank):
+    a box is kept iff no kept better box overlaps it; returns the kept ranks, ascending. Decided in
+    vectorised rounds: a box with a kept better neighbour is dropped, one whose better neighbours are all
+    dropped is kept. The best undecided box is decided every round and overlap clusters are shallow, so a
+    few rounds settle it; what a long chain leaves after _ROUNDS goes through one plain-Python pass."""
+    state = np.zeros(n, dtype=np.int8)  # 0 undecided, 1 kept, 2 dropped
+    has_better = np.zeros(n, dtype=bool)
+    has_better[worse] = True
+    state[~has_better] = 1
+    for _ in range(_ROUNDS):
+        if not better.size:
+            return np.flatnonzero(state == 1)
+        s = state[better]
+        dropped = np.zeros(n, dtype=bool)
+        dropped[worse[s == 1]] = True
+        waiting = np.zeros(n, dtype=bool)
+        waiting[worse[s == 0]] = True
+        open_ = state == 0
+        state[open_ & dropped] = 2
+        state[open_ & ~dropped & ~waiting] = 1
+        live = state[worse] == 0
+        better, worse = better[live], worse[live]
+    # every undecided box still has an edge from a better one; settle them in rank order
+    by_worse = np.argsort(worse, kind="stable")
+    st = state.tolist()
+    for w, bt in zip(worse[by_worse].tolist(), better[by_worse].tolist()):
+        if st[w] == 0:
+            st[w] = 1  # kept unless a kept better box overlaps it (all better boxes are settled by now)
+        if st[bt] == 1:
+            st[w] = 2
+    return np.flatnonzero(np.asarray(st, dtype=np.int8) == 1)
+
+
+def _nms_blocked(b: Boxes, scores: np.ndarray, classes: Optional[np.ndarray], iou_thr: float, limit: int = 0
+                 ) -> np.ndarray:
+    """The greedy result computed in blocks of _NMS_BLOCK candidates (IoU of a block against all later
+    candidates in one array expression); classes kept apart by the class offset. Memory stays O(block * n)
+    where _greedy_nms's pairs would not, and it stops at `limit`."""
+    if classes is not None and len(b):
+        # shift each class by more than any box's extent (boxes may start below 0): classes never overlap
+        offset = float(max(np.abs(b).max(), 1.0)) * 2 + 1.0
+        b = b + (classes.astype(np.int64)[:, None] * offset).astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    b = b[order]
     x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
     areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
     n = len(order)
@@ -171,7 +288,7 @@ def nms(boxes: Boxes, scores: np.ndarray, iou_thr: float, limit: int = 0) -> np.
 
 def select(boxes: Boxes, scores: np.ndarray, conf_thr: float, iou_thr: float, max_det: int = 300
            ) -> Tuple[Boxes, np.ndarray, np.ndarray]:
-    """Best class per candidate, confidence filter, per-class NMS (class offset), max_det."""
+    """Best class per candidate, confidence filter, per-class NMS, max_det."""
     conf = scores.max(axis=1)
     idx = np.flatnonzero(conf >= conf_thr)
     if len(idx) > _MAX_CANDIDATES:  # bound the NMS work on pathological outputs (e.g. untrained weights)
@@ -183,11 +300,10 @@ def select(boxes: Boxes, scores: np.ndarray, conf_thr: float, iou_thr: float, ma
 
 def _nms_per_class(b: Boxes, s: np.ndarray, k: np.ndarray, iou_thr: float, limit: int = 0
                    ) -> Tuple[Boxes, np.ndarray, np.ndarray]:
-    """Per-class NMS in one pass: shift each class's boxes by class * (2 * max |coordinate| + 1), more
-    than any box's extent (boxes may start below 0), so boxes of different classes never overlap."""
-    k = k.astype(np.int64)
-    offset = float(max(np.abs(b).max(), 1.0)) * 2 + 1.0 if len(b) else 0.0
-    keep = nms(b + (k[:, None] * offset).astype(np.float32), s, iou_thr, limit=limit)
+    """Per-class NMS in one pass; all classes' kept boxes score-descending, the first `limit` of them."""
+    b = np.asarray(b, dtype=np.float32)
+    k = np.asarray(k).astype(np.int64, copy=False)
+    keep = _greedy_nms(b, np.asarray(s), k, iou_thr, limit)
     return b[keep], s[keep], k[keep]
 
 

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bench import zoo_yolov8
 from rkbench.models import prepost
 
 
@@ -116,7 +117,7 @@ def test_dfl_is_the_softmax_expectation():
     np.testing.assert_allclose(boxes[1 * 8 + 4], [cx - 2.75 * 8, cy - 7.5 * 8, cx + 5 * 8, cy + 9 * 8], atol=1e-3)
 
 
-def test_score_sum_skip_drops_cells_not_detections():
+def test_min_score_skip_drops_cells_not_detections():
     rng = np.random.default_rng(4)
     outs = []
     for h in (8, 4, 2):
@@ -125,8 +126,9 @@ def test_score_sum_skip_drops_cells_not_detections():
     full = prepost.decode_rknn_head(outs, 5)
     skipped = prepost.decode_rknn_head(outs, 5, min_score=0.5)
     assert len(skipped[0]) < len(full[0]) == 84
-    for a, b in zip(prepost.select(*full, 0.5, 0.6), prepost.select(*skipped, 0.5, 0.6)):
-        np.testing.assert_allclose(a, b)
+    (b0, s0, c0), (b1, s1, c1) = prepost.select(*full, 0.5, 0.6), prepost.select(*skipped, 0.5, 0.6)
+    assert len(b0) > 1 and c0.tolist() == c1.tolist() and s0.tolist() == s1.tolist()
+    np.testing.assert_allclose(b0, b1, rtol=1e-6)  # DFL on fewer cells may round differently (1 ulp)
 
 
 def test_official_head_decode():
@@ -142,7 +144,8 @@ def _iou(a, b):
     iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0  # two empty boxes do not overlap
 
 
 def _brute_nms(boxes, scores, thr, limit=0):
@@ -159,14 +162,43 @@ def _random_boxes(rng, n, span, size):
     return np.concatenate([xy, xy + rng.uniform(*size, (n, 2))], 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("n,span,thr,limit", [(200, 80, 0.5, 0), (300, 40, 0.3, 0), (500, 200, 0.7, 50), (7, 30, 0.5, 0)])
-def test_nms_matches_brute_force(n, span, thr, limit):
+# nms() resolves the greedy order in vectorised rounds, then a plain-Python pass (_ROUNDS 0: only that pass),
+# and falls back to a blocked variant past _MAX_PAIRS candidate pairs (0: always): each must be exact.
+NMS_PATHS = [{}, {"_ROUNDS": 0}, {"_ROUNDS": 1}, {"_MAX_PAIRS": 0}]
+
+
+@pytest.mark.parametrize("path", NMS_PATHS)
+@pytest.mark.parametrize("n,span,thr,limit", [(200, 80, 0.5, 0), (300, 40, 0.3, 0), (500, 200, 0.7, 50), (7, 30, 0.5, 0),
+                                              (300, 20, 0.0, 0), (150, 10, 0.9, 0),
+                                              (40, 100, -0.1, 0)])
+def test_nms_matches_brute_force(n, span, thr, limit, path, monkeypatch):
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
     rng = np.random.default_rng(n)
     boxes = _random_boxes(rng, n, span, (5, 30))
     scores = rng.uniform(0, 1, n).astype(np.float32)
     keep = prepost.nms(boxes, scores, thr, limit=limit)
     assert keep.tolist() == _brute_nms(boxes, scores, thr, limit)
-    assert 0 < len(keep) < n or n < 10
+    assert 0 < len(keep) < n or n < 10 or thr < 0
+    # duplicated boxes, tied scores (lower index first), zero-size boxes
+    boxes[n // 2:] = boxes[:n - n // 2]
+    boxes[::7, 2] = boxes[::7, 0]
+    scores = np.round(scores, 1)
+    assert prepost.nms(boxes, scores, thr, limit=limit).tolist() == _brute_nms(boxes, scores, thr, limit)
+
+
+@pytest.mark.parametrize("path", NMS_PATHS)
+def test_nms_settles_a_long_chain(path, monkeypatch):
+    """Each box overlaps only its neighbours, scores falling along the chain: every second box survives,
+    which takes the greedy order one box at a time (more than _ROUNDS rounds)."""
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
+    x = np.arange(200, dtype=np.float32) * 2
+    boxes = np.stack([x, np.zeros_like(x), x + 10, np.full_like(x, 10)], 1)
+    scores = np.linspace(1, 0.01, 200).astype(np.float32)
+    assert prepost.nms(boxes, scores, 0.5).tolist() == list(range(0, 200, 2))
+    assert prepost.nms(boxes, scores, 0.5, limit=3).tolist() == [0, 2, 4]
+    assert prepost.nms(boxes, scores, 0.5, limit=-1).tolist() == list(range(0, 200, 2))  # < 1: no limit
 
 
 def test_nms_empty():
@@ -187,9 +219,12 @@ def test_select_is_per_class():
     assert c.tolist() == [0, 1]
 
 
-def test_select_matches_per_class_brute_force():
+@pytest.mark.parametrize("path", NMS_PATHS)
+def test_select_matches_per_class_brute_force(path, monkeypatch):
     """Candidates partly outside the image (negative coordinates, as decoders produce): classes must still
     never suppress each other; conf filter and max_det apply."""
+    for name, value in path.items():
+        monkeypatch.setattr(prepost, name, value)
     rng = np.random.default_rng(7)
     boxes = _random_boxes(rng, 400, 100, (10, 60)) - 30
     scores = (rng.random((400, 4)) ** 3).astype(np.float32)
@@ -205,6 +240,48 @@ def test_select_matches_per_class_brute_force():
     assert (s >= 0.2).all() and (np.diff(s) <= 0).all()
     top = prepost.select(boxes, scores, 0.2, 0.5, max_det=10)
     np.testing.assert_allclose(top[1], s[:10])
+
+
+def _clustered_rknn_outputs(rng, size: int, nc: int, objects: int) -> list:
+    """Rknn-head outputs like a trained model's: scores under 0.001 but around `objects` blobs of cells,
+    where one class scores high; neighbouring cells predict boxes of similar size, so they overlap and
+    NMS has work to do at both of the zoo's settings."""
+    outs = []
+    for stride in (8, 16, 32):
+        h = w = size // stride
+        dist = rng.normal(0, 3, (1, 64, 1, 1)) + rng.normal(0, 1, (1, 64, h, w))
+        cls = rng.random((1, nc, h, w)) * 1e-3
+        gy, gx = np.mgrid[:h, :w]
+        for cx, cy, k in zip(rng.integers(0, w, objects), rng.integers(0, h, objects), rng.integers(0, nc, objects)):
+            blob = (gx - cx) ** 2 + (gy - cy) ** 2 <= rng.integers(1, 4) ** 2
+            cls[0, k][blob] = np.maximum(cls[0, k][blob], rng.random(int(blob.sum())) ** 2)
+        cls = cls.astype(np.float32)
+        outs += [dist.astype(np.float32), cls, np.clip(cls.sum(1, keepdims=True), 0, 1)]
+    return outs
+
+
+@pytest.mark.parametrize("size,nc,seed", [(640, 80, 0), (320, 80, 1), (320, 3, 2), (256, 1, 3)])
+@pytest.mark.parametrize("conf,iou", [(zoo_yolov8.OBJ_THRESH, zoo_yolov8.NMS_THRESH),
+                                      (zoo_yolov8.MAP_OBJ_THRESH, zoo_yolov8.MAP_NMS_THRESH)])
+def test_same_boxes_as_rknn_model_zoo(size, nc, seed, conf, iou):
+    """rknn_model_zoo's YOLOv8 post_process (re-implemented in bench/zoo_yolov8.py) and rkbench's
+    decode_rknn_head(min_score) + select, uncapped, return the same detections."""
+    outs = _clustered_rknn_outputs(np.random.default_rng(seed), size, nc, objects=40)
+    zoo = zoo_yolov8.post_process(outs, conf, iou, img_size=(size, size))
+    boxes, scores, classes = prepost.select(*prepost.decode_rknn_head(outs, nc, min_score=conf), conf, iou, 1 << 30)
+    assert zoo_yolov8.differences(zoo, boxes, scores, classes) == []
+    candidates = int((prepost.decode_rknn_head(outs, nc)[1].max(1) >= conf).sum())
+    assert 0 < len(boxes) < candidates  # NMS suppressed boxes
+    # the comparison itself notices a lost box or a changed class
+    assert zoo_yolov8.differences(zoo, boxes[1:], scores[1:], classes[1:])
+    assert zoo_yolov8.differences(zoo, boxes, scores, (classes + 1) % max(nc, 2))
+
+
+def test_zoo_reference_dfl_matches_torch():
+    """The reference's numpy DFL is the zoo's torch one."""
+    torch = pytest.importorskip("torch")  # noqa: F841
+    dist = np.random.default_rng(5).normal(0, 3, (1, 64, 6, 5)).astype(np.float32)
+    np.testing.assert_allclose(zoo_yolov8.dfl_numpy(dist), zoo_yolov8.dfl_torch(dist), atol=1e-5)
 
 
 def test_yolov5_decode_centre_cell():
