@@ -110,8 +110,8 @@ class Detector:
         """Image i of a batch: candidate boxes (model pixels, xyxy) and per-class scores."""
         s = self.spec
         mine = [o[i:i + 1] for o in outputs]
-        if s.head == "rknn":
-            return prepost.decode_rknn_head(mine, s.num_classes, s.reg_max)
+        if s.head == "rknn":   # DFL only on cells that can pass conf: the same boxes, less work
+            return prepost.decode_rknn_head(mine, s.num_classes, s.reg_max, min_score=s.conf)
         if s.head == "ultralytics":
             return prepost.decode_ultralytics_head(mine[0])
         return prepost.decode_yolov5(mine, self._anchors, s.num_classes, s.input_size)
