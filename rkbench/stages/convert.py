@@ -17,20 +17,26 @@ __all__ = ["ConvertOptions", "convert", "write_calibration"]  # ConvertOptions: 
 
 def write_calibration(images: list[Path], resolution: int, out_dir: Path) -> Path:
     """Letterbox the calibration images exactly like inference does and list them for the toolkit.
-    Saved as lossless PNGs of the model size, so the toolkit's own resize is the identity."""
+    Saved as lossless PNGs of the model size, so the toolkit's own resize is the identity.
+
+    The list holds bare file names: rknn-toolkit2 splits each line on spaces (several inputs per line)
+    and resolves a relative name against the list's own folder, so a cache dir with spaces or non-ASCII
+    characters in its path never reaches that split."""
     import cv2
 
     from rkbench.models.prepost import letterbox, load_rgb
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
+    names = []
     for i, src in enumerate(images):
         boxed, _ = letterbox(load_rgb(src), resolution)
-        dst = out_dir / f"calib_{i:04d}.png"
-        cv2.imwrite(str(dst), cv2.cvtColor(boxed, cv2.COLOR_RGB2BGR))
-        lines.append(str(dst.resolve()))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(boxed, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise StageError("convert", f"cannot encode calibration image {src} as PNG", "check the image opens with cv2.imread")
+        names.append(f"calib_{i:04d}.png")
+        (out_dir / names[-1]).write_bytes(png.tobytes())  # unlike cv2.imwrite, a full disk raises here
     listing = out_dir / "dataset.txt"
-    listing.write_text("\n".join(lines) + "\n")
+    listing.write_text("\n".join(names) + "\n")
     return listing
 
 
