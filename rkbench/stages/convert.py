@@ -46,30 +46,30 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
     simulator, which cannot load a .rknn file); None on a hit."""
     key = stage_key("convert", onnx=onnx.sha256, opts=asdict(opts), mean=MEAN, std=STD, resolution=resolution,
                     calib=calib_hash if opts.quantize else None, toolkit=toolkit_version())
-    entry = cache.lookup("convert", key)
-    if entry.failure:
-        raise StageError("convert", f"{entry.failure['detail']} (cached failure: delete {entry.dir} to retry)",
-                         entry.failure["hint"], deterministic=True)
-    if entry.hit:
-        return from_cache(entry, "rknn"), None
-    work = cache.begin(entry)
-    hint = ("the official Ultralytics head does not build on rknn-toolkit2 2.x: use export=rknn"
-            if head == "ultralytics" else "see convert.log in the run's artifacts")
-    calib_list = write_calibration(calib_images, resolution, work / "calib") if opts.quantize else None
-    started = time.perf_counter()
-    try:
-        rknn = build_rknn(onnx.path, opts, calib_list, work / "convert.log", hint)
-        build_s = time.perf_counter() - started
-        export_rknn(rknn, work / "model.rknn", work / "convert.log", hint)
-    except StageError as err:
-        if err.deterministic:  # the toolkit rejects this graph with these options: it will again
-            cache.fail(entry, err.detail, err.hint)
-        raise
-    info = dict(onnx.info, build_s=round(build_s, 3), toolkit=toolkit_version(), options=asdict(opts),
-                mean=MEAN, std=STD, rknn_bytes=(work / "model.rknn").stat().st_size)
-    try:
-        cache.commit(entry, {"rknn": "model.rknn", "log": "convert.log"}, info)
-    except BaseException:
-        rknn.release()  # nobody will get it
-        raise
-    return from_cache(entry, "rknn"), rknn
+    with cache.open("convert", key) as entry:
+        if entry.failure:
+            raise StageError("convert", f"{entry.failure['detail']} (cached failure: delete {entry.dir} to retry)",
+                             entry.failure["hint"], deterministic=True)
+        if entry.hit:
+            return from_cache(entry, "rknn"), None
+        work = cache.begin(entry)
+        hint = ("the official Ultralytics head does not build on rknn-toolkit2 2.x: use export=rknn"
+                if head == "ultralytics" else "see convert.log in the run's artifacts")
+        calib_list = write_calibration(calib_images, resolution, work / "calib") if opts.quantize else None
+        started = time.perf_counter()
+        try:
+            rknn = build_rknn(onnx.path, opts, calib_list, work / "convert.log", hint)
+            build_s = time.perf_counter() - started
+            export_rknn(rknn, work / "model.rknn", work / "convert.log", hint)
+        except StageError as err:
+            if err.deterministic:  # the toolkit rejects this graph with these options: it will again
+                cache.fail(entry, err.detail, err.hint)
+            raise
+        info = dict(onnx.info, build_s=round(build_s, 3), toolkit=toolkit_version(), options=asdict(opts),
+                    mean=MEAN, std=STD, rknn_bytes=(work / "model.rknn").stat().st_size)
+        try:
+            cache.commit(entry, {"rknn": "model.rknn", "log": "convert.log"}, info)
+        except BaseException:
+            rknn.release()  # nobody will get it
+            raise
+        return from_cache(entry, "rknn"), rknn

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rkbench.cache import StageCache, sha256_file, stage_key
 from rkbench.config import ModelConfig, resolve_path
-from rkbench.errors import DataError, StageError, UnsupportedCombination
+from rkbench.errors import DataError, RkbenchError, StageError, UnsupportedCombination
 from rkbench.stages import Artifact, from_cache
 
 EXPORT_CODE_VERSION = 2  # bump when heads.py changes the graphs it writes
@@ -50,32 +50,33 @@ def export(model: ModelConfig, resolution: int, head: str, activation: str, cach
     from rkbench.models import heads
 
     if model.family == "yolov5" and head != "rknn":
-        raise UnsupportedCombination("YOLOv5 ONNX is cut at the head convolutions (DFL-free anchor decode on the CPU): use export=rknn")
+        raise UnsupportedCombination("YOLOv5 ONNX is cut at the head convolutions (DFL-free anchor decode on the CPU): "
+                                     "use export=rknn", stage="export")
     key = stage_key("export", model=model.__dict__, resolution=resolution, head=head, activation=activation,
                     sources=_source_hash(model), code=EXPORT_CODE_VERSION,
                     torch=md.version("torch"), ultralytics=md.version("ultralytics"), onnx=md.version("onnx"))
-    entry = cache.lookup("export", key)
-    if not entry.hit:
-        out = cache.begin(entry) / "model.onnx"
-        try:
-            if model.family == "yolov5":
-                info = heads.cut_yolov5_onnx(resolve_path(model.onnx), out, model.head_outputs)
-                anchors = heads.yolov5_anchors(resolve_path(model.onnx),
-                                               resolve_path(model.weights) if model.weights else None,
-                                               default=model.anchors)
-                info["anchors"] = anchors.tolist()
-                if info.get("imgsz") and info["imgsz"] != resolution:
-                    raise UnsupportedCombination(f"the YOLOv5 ONNX has a fixed {info['imgsz']} px input: set resolution={info['imgsz']} or re-export it at {resolution}")
-            elif model.weights or model.yaml:
-                source = str(resolve_path(model.weights)) if model.weights else model.yaml
-                info = heads.export_yolov8_onnx(source, out, imgsz=resolution, head=head, activation=activation,
-                                                opset=model.opset)
-            else:
-                info = adopt_yolov8_onnx(resolve_path(model.onnx), out, resolution, head)
-        except (UnsupportedCombination, StageError, DataError):
-            raise
-        except Exception as exc:  # torch / onnx errors come in many types; all mean this export failed
-            raise StageError("export", f"{type(exc).__name__}: {exc}", "check the model source loads with ultralytics.YOLO(path)") from exc
-        info["family"] = model.family
-        cache.commit(entry, {"onnx": out.name}, info)
-    return from_cache(entry, "onnx")
+    with cache.open("export", key) as entry:  # a failure leaves no folder behind and is not remembered
+        if not entry.hit:
+            out = cache.begin(entry) / "model.onnx"
+            try:
+                if model.family == "yolov5":
+                    info = heads.cut_yolov5_onnx(resolve_path(model.onnx), out, model.head_outputs)
+                    anchors = heads.yolov5_anchors(resolve_path(model.onnx),
+                                                   resolve_path(model.weights) if model.weights else None,
+                                                   default=model.anchors)
+                    info["anchors"] = anchors.tolist()
+                    if info.get("imgsz") and info["imgsz"] != resolution:
+                        raise UnsupportedCombination(f"the YOLOv5 ONNX has a fixed {info['imgsz']} px input: set resolution={info['imgsz']} or re-export it at {resolution}")
+                elif model.weights or model.yaml:
+                    source = str(resolve_path(model.weights)) if model.weights else model.yaml
+                    info = heads.export_yolov8_onnx(source, out, imgsz=resolution, head=head, activation=activation,
+                                                    opset=model.opset)
+                else:
+                    info = adopt_yolov8_onnx(resolve_path(model.onnx), out, resolution, head)
+            except RkbenchError:
+                raise  # already says what to do; cache.open() tags it with this stage
+            except Exception as exc:  # torch / onnx errors come in many types; all mean this export failed
+                raise StageError("export", f"{type(exc).__name__}: {exc}", "check the model source loads with ultralytics.YOLO(path)") from exc
+            info["family"] = model.family
+            cache.commit(entry, {"onnx": out.name}, info)
+        return from_cache(entry, "onnx")
