@@ -14,12 +14,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
+from onnx import helper as onnx_helper
 
 import rkbench
 from rkbench.cache import StageCache
 from rkbench.config import ModelConfig
-from rkbench.errors import StageError
+from rkbench.errors import DataError, StageError
 from rkbench.runtimes.simulator import SimulatorRuntime
 from rkbench.stages import Artifact
 from rkbench.stages.convert import ConvertOptions, convert
@@ -158,6 +160,23 @@ def test_a_toolkit_rule_error_is_remembered_and_a_damaged_record_is_redone(tmp_p
         assert "cached failure" not in str(official_head(redo))
     assert redo.misses == ["convert"] and "is empty or invalid" in caplog.text
     assert json.loads((cache_dir / "convert" / key / "failure.json").read_text())["hint"]
+
+
+def test_a_non_yolo_onnx_fails_export_in_one_line_and_leaves_no_folder(tmp_path):
+    classifier = tmp_path / "classifier.onnx"   # a real, runnable classifier: pooled RGB -> 10 logits
+    x = onnx_helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, RES, RES])
+    y = onnx_helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])
+    weights = onnx.numpy_helper.from_array(np.ones((3, 10), np.float32), "w")
+    graph = onnx_helper.make_graph([onnx_helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+                                    onnx_helper.make_node("Flatten", ["pooled"], ["flat"]),
+                                    onnx_helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+                                   "classifier", [x], [y], [weights])
+    onnx.save(onnx_helper.make_model(graph, opset_imports=[onnx_helper.make_opsetid("", 12)]), str(classifier))
+    cache = StageCache(tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        export(ModelConfig(onnx=str(classifier)), RES, "rknn", "silu", cache)
+    assert err.value.stage == "export" and "[1, 10]" in str(err.value) and "\n" not in str(err.value)
+    assert entries(tmp_path / "cache", "export") == []
 
 
 class SmallDisk:
