@@ -65,6 +65,8 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
             if err.deterministic:  # the toolkit rejects this graph with these options: it will again
                 cache.fail(entry, err.detail, err.hint)
             raise
+        for debug_graph in work.glob("check*.onnx"):  # the toolkit's debug dumps: tens of MB, only kept on failure
+            debug_graph.unlink()
         info = dict(onnx.info, build_s=round(build_s, 3), toolkit=toolkit_version(), options=asdict(opts),
                     mean=MEAN, std=STD, rknn_bytes=(work / "model.rknn").stat().st_size)
         try:
