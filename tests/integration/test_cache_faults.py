@@ -49,16 +49,16 @@ def test_int8_conversion_in_a_path_with_spaces_and_non_ascii(tmp_path):
     # failed with "Unsupport file .../my", and that failure was cached.
     root = tmp_path / "my runs é" / ".rkbench_cache"
     cache = StageCache(root)
-    onnx = export(DEMO, RES, "rknn", "silu", cache)
+    model = export(DEMO, RES, "rknn", "silu", cache)
     images = calibration(tmp_path / "my runs é" / "calib")
-    rknn, live = convert(onnx, INT8, RES, images, "calib-a", cache, "rknn")
+    rknn, live = convert(model, INT8, RES, images, "calib-a", cache, "rknn")
     live.release()
     assert rknn.path.stat().st_size == rknn.info["rknn_bytes"] > 0
     assert not list(rknn.path.parent.glob("check*.onnx"))   # the toolkit's debug graphs (2 x 12 MB) went
-    again, live = convert(onnx, INT8, RES, images, "calib-a", cache, "rknn")
+    again, live = convert(model, INT8, RES, images, "calib-a", cache, "rknn")
     assert again.cached and live is None
     # a hit rebuilds the simulator from the entry's own calibration list (what the pipeline does)
-    sim = SimulatorRuntime(onnx_path=onnx.path, opts=INT8, calib_list=again.path.parent / "calib" / "dataset.txt",
+    sim = SimulatorRuntime(onnx_path=model.path, opts=INT8, calib_list=again.path.parent / "calib" / "dataset.txt",
                            log_path=again.path.parent / "simulator.log")
     try:
         outputs = sim.infer(np.zeros((1, RES, RES, 3), np.uint8))
@@ -128,15 +128,15 @@ def test_truncated_artifact_is_rebuilt_on_the_next_hit(tmp_path, caplog):
 def test_a_missing_input_is_not_remembered_as_a_failure(tmp_path, exported):
     # A file that vanishes mid-build (another process cleaning up) is the machine, not the model.
     gone = tmp_path / "gone.onnx"
-    onnx = Artifact("export", gone, exported["rknn"].sha256, "k", True, dict(exported["rknn"].info))
+    model = Artifact("export", gone, exported["rknn"].sha256, "k", True, dict(exported["rknn"].info))
     cache = StageCache(tmp_path / "cache")
     images = calibration(tmp_path / "calib")
     with pytest.raises(StageError, match="not exists") as err:
-        convert(onnx, INT8, RES, images, "calib-a", cache, "rknn")
+        convert(model, INT8, RES, images, "calib-a", cache, "rknn")
     assert not err.value.deterministic and "run again" in err.value.hint
     assert entries(tmp_path / "cache") == []                          # nothing cached, nothing half left
     shutil.copyfile(exported["rknn"].path, gone)
-    rknn, live = convert(onnx, INT8, RES, images, "calib-a", cache, "rknn")   # the next run builds
+    rknn, live = convert(model, INT8, RES, images, "calib-a", cache, "rknn")   # the next run builds
     live.release()
     assert not rknn.cached and rknn.path.exists()
 
@@ -185,31 +185,27 @@ class SmallDisk:
     this process's file size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.limit = folder, None
+        self.folder = folder
         folder.mkdir()
         mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(folder)],
-                                 capture_output=True, text=True) if shutil.which("mount") else None
+                                 capture_output=True) if shutil.which("mount") else None
         self.tmpfs = bool(mounted and mounted.returncode == 0)
         if not self.tmpfs:
-            resource = pytest.importorskip("resource", reason="neither tmpfs mounts nor RLIMIT_FSIZE here")
-            self.limit = resource
+            self.resource = pytest.importorskip("resource", reason="cannot mount a tmpfs and no RLIMIT_FSIZE here")
 
     def fill(self, room: int) -> None:
         if self.tmpfs:
-            free = shutil.disk_usage(self.folder).free
-            with open(self.folder / "filler", "wb") as f:
-                f.truncate(0)
-                f.write(b"\0" * (free - room))
+            (self.folder / "filler").write_bytes(b"\0" * (shutil.disk_usage(self.folder).free - room))
         else:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # else the kernel kills the process at the limit
-            self.saved = self.limit.getrlimit(self.limit.RLIMIT_FSIZE)
-            self.limit.setrlimit(self.limit.RLIMIT_FSIZE, (room, self.saved[1]))
+            self.saved = self.resource.getrlimit(self.resource.RLIMIT_FSIZE)
+            self.resource.setrlimit(self.resource.RLIMIT_FSIZE, (room, self.saved[1]))
 
     def free(self) -> None:
         if self.tmpfs:
             (self.folder / "filler").unlink()
         else:
-            self.limit.setrlimit(self.limit.RLIMIT_FSIZE, self.saved)
+            self.resource.setrlimit(self.resource.RLIMIT_FSIZE, self.saved)
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
     def close(self) -> None:
