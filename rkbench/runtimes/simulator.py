@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from rkbench.runtimes.backends import Runtime
 from rkbench.errors import StageError
-from rkbench.stages.convert import ConvertOptions, build_rknn, captured_output, toolkit_version
+from rkbench.runtimes.backends import Runtime
+from rkbench.toolkit import ConvertOptions, build_rknn, captured_output, toolkit_version
 
 log = logging.getLogger("rkbench.simulator")
 

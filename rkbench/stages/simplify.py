@@ -21,26 +21,26 @@ def simplify(onnx_in: Artifact, method: str, cache: StageCache) -> Artifact:
     if method == "none":
         return onnx_in
     key = stage_key("simplify", src=onnx_in.sha256, method=method, version=_tool_version(method))
-    entry = cache.lookup("simplify", key)
-    if not entry.hit:
-        import onnx
+    with cache.open("simplify", key) as entry:  # a failure leaves no folder behind and is not remembered
+        if not entry.hit:
+            import onnx
 
-        out = cache.begin(entry) / "model.onnx"
-        model = onnx.load(str(onnx_in.path))
-        try:
-            if method == "onnxslim":
-                import onnxslim
-                slim = onnxslim.slim(model)
-            else:
-                import onnxsim
-                slim, ok = onnxsim.simplify(model)
-                if not ok:
-                    raise RuntimeError("onnxsim could not validate the simplified model")
-        except ImportError as exc:
-            raise StageError("simplify", f"{method} failed to import: {exc}", "use simplify=onnxslim (onnxsim needs ml_dtypes)") from exc
-        except Exception as exc:  # the simplifiers raise assorted errors on graphs they cannot fold
-            raise StageError("simplify", f"{type(exc).__name__}: {exc}", "use simplify=none to keep the exported graph") from exc
-        onnx.save(slim, str(out))
-        info = dict(onnx_in.info, nodes_before=len(model.graph.node), nodes_after=len(slim.graph.node))
-        cache.commit(entry, {"onnx": out.name}, info)
-    return from_cache(entry, "onnx")
+            out = cache.begin(entry) / "model.onnx"
+            model = onnx.load(str(onnx_in.path))
+            try:
+                if method == "onnxslim":
+                    import onnxslim
+                    slim = onnxslim.slim(model)
+                else:
+                    import onnxsim
+                    slim, ok = onnxsim.simplify(model)
+                    if not ok:
+                        raise RuntimeError("onnxsim could not validate the simplified model")
+            except ImportError as exc:
+                raise StageError("simplify", f"{method} failed to import: {exc}", "use simplify=onnxslim (onnxsim needs ml_dtypes)") from exc
+            except Exception as exc:  # the simplifiers raise assorted errors on graphs they cannot fold
+                raise StageError("simplify", f"{type(exc).__name__}: {exc}", "use simplify=none to keep the exported graph") from exc
+            onnx.save(slim, str(out))
+            info = dict(onnx_in.info, nodes_before=len(model.graph.node), nodes_after=len(slim.graph.node))
+            cache.commit(entry, {"onnx": out.name}, info)
+        return from_cache(entry, "onnx")

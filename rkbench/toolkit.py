@@ -1,0 +1,159 @@
+"""rknn-toolkit2 below the stages: the options of a build, one build on a fresh RKNN object, the toolkit's
+console output, and which of its failures are about the model (deterministic) or the machine (transient).
+
+Used by the convert stage and by the simulator runtime (which rebuilds from the ONNX on a cache hit)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import os
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from rkbench.errors import StageError
+
+log = logging.getLogger("rkbench.toolkit")
+
+# The shipped models take RGB uint8 and normalise to [0, 1]: mean/std are folded into the .rknn.
+MEAN = (0.0, 0.0, 0.0)
+STD = (255.0, 255.0, 255.0)
+
+# The toolkit flattens every Python exception into a ValueError carrying the traceback text (or logs an
+# "E" line and returns -1), so its failures can only be told apart by their words:
+# - about the machine: a file missing or unreadable ("Model file X not exists!", "The image of X is
+#   invalid!" for a calibration image we wrote ourselves, "Dataset file X not found!"), any OS error
+#   ("[Errno 28] No space left on device"), memory. The next run may succeed: raised, never cached.
+# - anything else is the toolkit rejecting this graph with these options (e.g. the rule
+#   `_p_seperate_conv_rs_split` on the official head): rknn-toolkit2 is deterministic, the same ONNX and
+#   options fail the same way, so the convert stage caches it.
+MACHINE_FAULT = re.compile(r"\[Errno \d+\]|No space left|Disk quota|File too large|MemoryError|Cannot allocate memory"
+                           r"|bad_alloc|not exists?!|not found!|The image of .* is invalid")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    platform: str
+    quantize: bool
+    algo: str
+    method: str
+    dtype: str
+    batch: int
+    optimization_level: int = 3
+
+    def toolkit_config(self) -> dict[str, Any]:
+        return dict(mean_values=[list(MEAN)], std_values=[list(STD)], target_platform=self.platform,
+                    quantized_dtype=self.dtype, quantized_algorithm=self.algo, quantized_method=self.method,
+                    optimization_level=self.optimization_level)
+
+
+def toolkit_version() -> str:
+    return md.version("rknn-toolkit2")
+
+
+def _errors_from_log(log_path: Path, limit: int = 6) -> str:
+    """The toolkit's own error lines (it logs them, then returns -1 or raises a bare ValueError)."""
+    if not log_path.exists():
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text(errors="replace"))
+    lines = [ln.strip() for ln in text.splitlines()
+             if (re.match(r"^\s*E\b", ln) or "Error" in ln) and not re.search(r"Traceback|toolkit2 version", ln)]
+    if not lines:  # no error line: the last thing the toolkit said is the best clue
+        lines = text.strip().splitlines()[-1:]
+    return " | ".join(dict.fromkeys(lines))[-1500:]
+
+
+@contextmanager
+def captured_output(log_path: Path):
+    """Send the toolkit's console output (printed from compiled code, so fd-level) to its log file."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:  # flushing into a log on a full disk fails: the console must come back all the same
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+
+
+@contextmanager
+def working_dir(path: Path):
+    """contextlib.chdir for Python 3.10."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _exception_summary(exc: Exception) -> str:
+    """The toolkit wraps its tracebacks in a ValueError: keep the failing rule/frame and the last line."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    frames = [ln for ln in lines if ln.startswith("File ")]
+    return " ".join(([frames[-1]] if frames else []) + lines[-1:]) or type(exc).__name__
+
+
+def _attempt(call) -> tuple[str, bool]:
+    """One toolkit call: ("", False) when it returned 0, else (what went wrong, whether the machine failed)."""
+    try:
+        ret = call()
+        return ("" if ret == 0 else f"returned {ret}"), False
+    except (OSError, MemoryError) as exc:  # raised before the toolkit could wrap it: the machine
+        return f"{type(exc).__name__}: {exc}", True
+    except Exception as exc:  # the toolkit raises bare ValueError/RuntimeError from compiled code
+        return _exception_summary(exc), bool(MACHINE_FAULT.search(str(exc)))
+
+
+def _failure(step: str, error: str, machine: bool, log_path: Path, hint: str) -> StageError:
+    logged = _errors_from_log(log_path)
+    machine = machine or bool(MACHINE_FAULT.search(logged))
+    return StageError("convert", f"rknn-toolkit2 {toolkit_version()} {step} failed: {error}. {logged}".strip(),
+                      "a file went missing, the disk filled or memory ran out during the build: fix that and run "
+                      "again" if machine else hint, deterministic=not machine)
+
+
+def build_rknn(onnx_path: Path, opts: ConvertOptions, calib_list: Optional[Path], log_path: Path, hint: str):
+    """config -> load_onnx -> build on a fresh RKNN object; returns it live (simulator-ready).
+    Raises StageError("convert"), deterministic unless the toolkit's words say the machine failed."""
+    from rknn.api import RKNN
+
+    log.info("rknn-toolkit2 %s: building %s (toolkit log: %s)", toolkit_version(), onnx_path.name, log_path)
+    # The toolkit drops debug graphs (check*.onnx) into the cwd when a build fails: keep them in the entry.
+    with captured_output(log_path), working_dir(log_path.parent):
+        rknn = RKNN(verbose=True)
+        steps = (("config", lambda: rknn.config(**opts.toolkit_config())),
+                 ("load_onnx", lambda: rknn.load_onnx(model=str(onnx_path))),
+                 ("build", lambda: rknn.build(do_quantization=opts.quantize,
+                                              dataset=str(calib_list) if opts.quantize else None,
+                                              rknn_batch_size=opts.batch if opts.batch > 1 else None)))
+        for step, call in steps:
+            error, machine = _attempt(call)
+            if error:
+                rknn.release()
+                break
+    if error:
+        raise _failure(step, error, machine, log_path, hint)
+    return rknn
+
+
+def export_rknn(rknn, out: Path, log_path: Path, hint: str) -> None:
+    """Write the built model to `out`; on failure release the object and raise like build_rknn."""
+    with captured_output(log_path):
+        error, machine = _attempt(lambda: rknn.export_rknn(str(out)))
+    if error:
+        rknn.release()
+        raise _failure("export_rknn", error, machine, log_path, hint)
