@@ -147,7 +147,7 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
                                                      calib_list=rknn_art.path.parent / "calib" / "dataset.txt",
                                                      log_path=rknn_art.path.parent / "simulator.log"), None
                     return runtime
-                from rkbench.stages.convert import toolkit_version
+                from rkbench.toolkit import toolkit_version
                 ev = evaluate(rknn_art, sim, f"rknn-simulator-{toolkit_version()}", "simulator", dataset,
                               spec.inference_spec(run, onnx.info, dataset, "rknn-simulator"), run.eval, cache)
                 metrics.update(ev.metrics)

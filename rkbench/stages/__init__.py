@@ -1,4 +1,6 @@
-"""Pipeline stages: plain typed functions, one per step of a run, each returning an Artifact."""
+"""Pipeline stages: plain typed functions, one per step of a run. export, simplify and convert return an
+Artifact (a file, its content hash and what the stage learned); evaluate returns an Evaluation (metrics
+and the detections Artifact); the board stage returns metrics and tags."""
 
 from __future__ import annotations
 

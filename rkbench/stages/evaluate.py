@@ -49,21 +49,21 @@ def evaluate(model: Artifact, make_runtime: Callable[[], Runtime], runtime_id: s
              prefix: str = "eval") -> Evaluation:
     key = stage_key("evaluate", model=model.sha256, runtime=runtime_id, dataset=dataset.fingerprint(),
                     spec=spec.to_dict())
-    entry = cache.lookup("evaluate", key)
-    if not entry.hit:
-        runtime = make_runtime()
-        try:
-            detections, rows = Detector(spec, runtime).evaluate((rec.id, rec.path) for rec in dataset.images)
-            version = runtime.version()
-        finally:
-            runtime.close()
-        work = cache.begin(entry)
-        (work / "detections.json").write_text(json.dumps(detections))
-        cache.commit(entry, {"detections": "detections.json"},
-                     {"infer_ms": [r[1] * 1e3 for r in rows], "runtime": runtime_id, "runtime_version": version,
-                      "where": where, "images": len(dataset.images), "batch": spec.batch,
-                      "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    art = from_cache(entry, "detections")
+    with cache.open("evaluate", key) as entry:   # one process evaluates, a concurrent one waits and hits
+        if not entry.hit:
+            runtime = make_runtime()
+            try:
+                detections, rows = Detector(spec, runtime).evaluate((rec.id, rec.path) for rec in dataset.images)
+                version = runtime.version()
+            finally:
+                runtime.close()
+            work = cache.begin(entry)
+            (work / "detections.json").write_text(json.dumps(detections))
+            cache.commit(entry, {"detections": "detections.json"},
+                         {"infer_ms": [r[1] * 1e3 for r in rows], "runtime": runtime_id, "runtime_version": version,
+                          "where": where, "images": len(dataset.images), "batch": spec.batch,
+                          "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        art = from_cache(entry, "detections")
     detections = json.loads(Path(art.path).read_text())
     return Evaluation(art, score(dataset, detections, cfg, prefix), art.info["infer_ms"], where, runtime_id,
-                      art.info.get("measured", "?"), entry.hit)
+                      art.info.get("measured", "?"), art.cached)
