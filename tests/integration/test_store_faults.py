@@ -65,6 +65,28 @@ def test_concurrent_starts_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+LOAD_DEMO = """
+    import sys
+    from rkbench.data.demo import demo_dataset
+    print("ready", flush=True)
+    sys.stdin.readline()
+    ds = demo_dataset(sys.argv[1], n_val=24)
+    print(" ".join(str(r.path.stat().st_ino) for r in ds.images))
+"""
+
+
+def test_concurrent_demo_generation_shares_one_folder(tmp_path):
+    """Both processes see the demo folder missing and start together: the second must wait for the first
+    and use its folder, not generate its own and rename it over the folder the first is reading."""
+    root = tmp_path / "cache" / "datasets" / "demo"
+    results = all_at_once([spawn(LOAD_DEMO, str(root)) for _ in range(2)])
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    first, second = (out.split() for _, out, _ in results)
+    assert len(first) == 24 and first == second, "the second process replaced the first one's images"
+    assert sorted(p.name for p in root.parent.iterdir()) == [".demo.lock", "demo"]   # no temp folders left
+
+
 OWN_RUNS = """
     import sys
     from rkbench.tracking import Tracker
