@@ -17,7 +17,7 @@ from typing import Optional
 import psutil
 
 from rkbench.config import RunConfig, flatten
-from rkbench.locks import file_lock
+from rkbench.locks import folder_lock
 
 log = logging.getLogger("rkbench.tracking")
 
@@ -94,7 +94,7 @@ class Tracker:
         # MLflow creates and migrates a fresh sqlite schema on first connect; two processes doing that at
         # once fail with "table ... already exists". Later writes wait on SQLite's lock: MLflow sets
         # PRAGMA busy_timeout=20000 on every session it opens.
-        with file_lock(db.with_name(db.name + ".lock")):
+        with folder_lock(db.parent, "tracking.uri"):
             self.client = MlflowClient(tracking_uri=uri)
             # Keep artifacts beside a sqlite store (not in whatever ./mlruns the cwd has).
             self.experiment_id = self._experiment(experiment, (db.parent / "mlartifacts").as_uri())

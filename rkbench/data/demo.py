@@ -25,7 +25,7 @@ import numpy as np
 
 from rkbench.data.datasets import Dataset, load_coco
 from rkbench.errors import DataError
-from rkbench.locks import file_lock
+from rkbench.locks import folder_lock
 
 GENERATOR_VERSION = 1           # bump when the drawing changes: cached demo folders are then regenerated
 MARKER = ".rkbench-demo.json"
@@ -243,11 +243,11 @@ def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
 
 def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:
     """The demo val split under root, generated on first use. Concurrent runs are safe: the first one
-    generates under a lock beside root, the others wait for it and then use its folder (a second
+    generates under a lock on root's parent folder, the others wait for it and then use its folder (a second
     generation would replace the folder under the first run's feet)."""
     root = Path(root).resolve()
     if not _marker_ok(root, n_val, seed):
-        with file_lock(root.parent / f".{root.name}.lock"):
+        with folder_lock(root.parent, "cache_dir (or dataset.root)"):
             if not _marker_ok(root, n_val, seed):   # not generated meanwhile by the process we waited for
                 _generate_in_place(root, n_val, seed)
     ds = load_coco(root / "annotations" / "instances_val.json", root / "images" / "val", limit)
