@@ -10,11 +10,31 @@ are routed before the pipeline is imported, so `report` does not pay for torch a
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not Python's traceback through Hydra and the toolkit
+        print(interrupted(argv), file=sys.stderr)
+        return 130             # the shell's code for "ended by SIGINT"
+
+
+def interrupted(argv: list[str]) -> str:
+    if argv[:1] in (["report"], ["doctor"]):
+        return f"rkbench: {argv[0]} interrupted (Ctrl-C)"
+    cli = sys.modules.get("rkbench.cli")  # absent when interrupted while importing it
+    done = len(cli.OUTCOMES) if cli else 0
+    # the pipeline marks the interrupted MLflow run (and a sweep's parent run) KILLED on its way out
+    return (f"rkbench: interrupted (Ctrl-C) after {done} completed configuration(s), which stay in MLflow (the "
+            "interrupted run is marked KILLED); run the same command again to resume, finished configurations "
+            f"are skipped: python -m rkbench {shlex.join(argv)}".rstrip())
+
+
+def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["report"]:
         from rkbench.report.__main__ import main as report_main
         return report_main(argv[1:])

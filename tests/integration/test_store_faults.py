@@ -125,3 +125,36 @@ def test_reap_marks_runs_of_a_killed_process_killed_and_leaves_live_and_foreign_
     finally:
         survivor.kill()
         survivor.wait()
+
+
+def test_ctrl_c_prints_one_line_keeps_finished_runs_and_the_same_command_resumes(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", "resolution=64,96", "target=onnxruntime", "simplify=none", "dataset.limit=4",
+            f"cache_dir={tmp_path / 'cache'}", f"tracking.uri={uri}", "tracking.experiment=ctrlc"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(tmp_path / "stderr.txt", "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "rkbench", *args], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=err_file)
+        started = 0
+        for line in proc.stdout:
+            started += "cache miss export" in line
+            if started == 2:                # the second configuration is exporting
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=300)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rkbench: interrupted (Ctrl-C) after 1 completed configuration(s)")
+    assert last.endswith("python -m rkbench " + " ".join(args))
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ctrlc")
+    status = {r.data.params.get("resolution", "sweep"): r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert status == {"64": "FINISHED", "96": "KILLED", "sweep": "KILLED"}
+
+    again = subprocess.run([sys.executable, "-m", "rkbench", *args], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "SKIPPED" in again.stdout
