@@ -26,7 +26,8 @@ log = logging.getLogger("rkbench.preflight")
 
 # MLflow tracking stores by URI scheme (a plain path, no scheme, is a file store); "+driver" suffixes
 # such as postgresql+psycopg2 are SQLAlchemy's and allowed.
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc")
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "uc")
 QUOTE_EXAMPLE = "\"model.weights='/path/with space/best.pt'\""
 
 
@@ -91,7 +92,8 @@ def check_writable_folder(folder: Path, key: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror}): point {key} at a writable folder") from None
+        raise ConfigError(f"{key}: cannot write in {folder} ({exc.strerror}): point {key} at a writable "
+                          "folder") from None
 
 
 def check_classes(run: RunConfig, dataset: Dataset) -> None:
@@ -102,8 +104,9 @@ def check_classes(run: RunConfig, dataset: Dataset) -> None:
         return
     nc, where = found
     if nc != len(dataset.class_names):
-        raise ConfigError(f"model has {nc} classes ({where}) but dataset {dataset.name} has {len(dataset.class_names)}: "
-                          "use a model trained on this dataset, or a dataset with the model's classes")
+        raise ConfigError(f"model has {nc} classes ({where}) but dataset {dataset.name} has "
+                          f"{len(dataset.class_names)}: use a model trained on this dataset, or a dataset with the "
+                          "model's classes")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def image_size(path: Path) -> tuple[int, int]:
     except FileNotFoundError as e:
         raise DataError(f"image not found: {path}: check the image folder / file names in the annotations") from e
     except Image.DecompressionBombError as e:   # PIL refuses > 2x its own limit already in open()
-        raise DataError(f"image {path} is over the {MAX_PIXELS:,} pixel limit ({e}): downscale it or leave it out") from None
+        raise DataError(f"image {path} is over the {MAX_PIXELS:,} pixel limit ({e}): downscale it or leave it "
+                        "out") from None
     # ImportError: with Ultralytics imported, Image.open is patched to load pi-heif for files PIL cannot identify
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
