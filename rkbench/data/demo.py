@@ -227,18 +227,22 @@ def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
     dataset behind."""
     if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
         raise DataError(f"{root} exists and is not an rkbench demo folder: point dataset.root at an empty or new folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        generate_demo(tmp, 0, n_val, seed, yaml_root=root)
-        marker = {"version": GENERATOR_VERSION, "n_val": n_val, "seed": seed, "n_train": 0}
-        (tmp / MARKER).write_text(json.dumps(marker))
-        if root.exists():       # an older generator version (or other size): replace it
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale.", dir=root.parent))
-            os.replace(root, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            generate_demo(tmp, 0, n_val, seed, yaml_root=root)
+            marker = {"version": GENERATOR_VERSION, "n_val": n_val, "seed": seed, "n_train": 0}
+            (tmp / MARKER).write_text(json.dumps(marker))
+            if root.exists():       # an older generator version (or other size): replace it
+                stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale.", dir=root.parent))
+                os.replace(root, stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # read-only place, disk full
+        raise DataError(f"cannot write the demo dataset in {root.parent} ({exc.strerror}): set cache_dir (or "
+                        "dataset.root) to a writable folder with free space") from None
 
 
 def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:

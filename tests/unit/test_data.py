@@ -116,6 +116,12 @@ def test_demo_dataset_regenerates_stale_version_and_refuses_foreign_folder(tmp_p
     assert (foreign / "notes.txt").exists()
 
 
+def test_demo_dataset_in_a_place_that_cannot_be_written():
+    """/proc stops even root: the folder exists but nothing can be made in it."""
+    _raises(demo_dataset, Path("/proc/rkbench-demo"), match="cannot write the demo dataset in /proc "
+            r"\(No such file or directory\): set cache_dir \(or dataset.root\) to a writable folder")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # loaders
 
