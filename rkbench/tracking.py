@@ -3,6 +3,7 @@ configuration. Explicit MlflowClient calls, no global active run, so nesting is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
@@ -87,17 +88,13 @@ class Tracker:
         self.uri = uri
         self._entities = mlflow.entities
         db = sqlite_path(uri)
-        if db is None:
-            self.client = MlflowClient(tracking_uri=uri)
-            self.experiment_id = self._experiment(experiment, None)
-            return
         # MLflow creates and migrates a fresh sqlite schema on first connect; two processes doing that at
         # once fail with "table ... already exists". Later writes wait on SQLite's lock: MLflow sets
         # PRAGMA busy_timeout=20000 on every session it opens.
-        with folder_lock(db.parent, "tracking.uri"):
+        with folder_lock(db.parent, "tracking.uri") if db else contextlib.nullcontext():
             self.client = MlflowClient(tracking_uri=uri)
             # Keep artifacts beside a sqlite store (not in whatever ./mlruns the cwd has).
-            self.experiment_id = self._experiment(experiment, (db.parent / "mlartifacts").as_uri())
+            self.experiment_id = self._experiment(experiment, (db.parent / "mlartifacts").as_uri() if db else None)
 
     def _experiment(self, name: str, location: Optional[str]) -> str:
         from mlflow.exceptions import MlflowException
@@ -121,7 +118,7 @@ class Tracker:
         reaped = []
         for run in self._running():
             tags = run.data.tags
-            host = tags.get("rkbench.host", "").split(" ")[0]  # the pipeline appends the machine type
+            host = tags.get("rkbench.host", "").split(" ")[0]  # the pipeline rewrites it as "node machine cpu"
             if host != here or not tags.get("rkbench.pid", "").isdigit():
                 continue
             pid = int(tags["rkbench.pid"])
