@@ -20,6 +20,7 @@ from rkbench.config import RunConfig, resolve_path
 from rkbench.data.datasets import Dataset, calibration_images
 from rkbench.errors import ConfigError, DataError
 from rkbench.models.heads import _Stub
+from rkbench.pipeline import load_dataset
 from rkbench.tracking import sqlite_path
 
 log = logging.getLogger("rkbench.preflight")
@@ -33,8 +34,6 @@ QUOTE_EXAMPLE = "\"model.weights='/path/with space/best.pt'\""
 
 def check_runs(configs: list[RunConfig]) -> None:
     """Every check below over the distinct settings of the sweep; raises on the first problem."""
-    from rkbench.pipeline import load_dataset  # the same loader the runs use
-
     for path in sorted({m for run in configs for m in (run.model.weights, run.model.onnx) if m}):
         check_model_file(resolve_path(path))
     for uri in sorted({run.tracking.uri for run in configs if run.tracking.enabled}):
@@ -45,13 +44,16 @@ def check_runs(configs: list[RunConfig]) -> None:
                                       if run.calib.source != "dataset" and run.target in ("simulator", "board")}):
         calibration_images(resolve_path(source), size, seed)
     datasets: dict[tuple, Dataset] = {}
+    classes: dict[str, Optional[tuple[int, str]]] = {}
     for run in configs:
         key = (repr(run.dataset), run.cache_dir)
         if key not in datasets:
             datasets[key] = load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())
             if not datasets[key].images:
                 raise DataError(f"dataset {run.dataset.name} has no images: check dataset.* paths")
-        check_classes(run, datasets[key])
+        if repr(run.model) not in classes:
+            classes[repr(run.model)] = model_classes(run)
+        check_classes(classes[repr(run.model)], datasets[key])
 
 
 def check_model_file(path: Path) -> None:
@@ -96,10 +98,9 @@ def check_writable_folder(folder: Path, key: str) -> None:
                           "folder") from None
 
 
-def check_classes(run: RunConfig, dataset: Dataset) -> None:
-    """A model with more classes than the dataset crashes after export (class index without a category);
-    one with fewer finishes with mAP 0. Either way the pair is wrong."""
-    found = model_classes(run)
+def check_classes(found: Optional[tuple[int, str]], dataset: Dataset) -> None:
+    """`found` is model_classes(run). A model with more classes than the dataset crashes after export (a
+    class index without a category); one with fewer finishes with mAP 0. Either way the pair is wrong."""
     if found is None:
         return
     nc, where = found
