@@ -30,7 +30,7 @@ BOX_TOLERANCE_PX = 1.0      # COCO/YOLO boxes may overshoot the border by roundi
 YOLO_TOLERANCE = 1e-3       # same for normalised YOLO coordinates
 MAX_PIXELS = 8192 * 8192    # larger images are refused from their header: decoded they need > 200 MB each
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}   # what a file cut short (header intact) has lost
-TAIL_BYTES = 1 << 16        # where an end marker is looked for before falling back to a full decode
+TAIL_BYTES = 4096           # where the end marker is looked for (then a full decode): one page per image
 
 # The 80 COCO classes in Ultralytics' order and their official COCO category ids (1..90 with gaps), so a
 # YOLO-layout copy of COCO (e.g. coco128) yields detections with the real COCO category ids.
