@@ -35,7 +35,7 @@ def load_rgb(path) -> np.ndarray:
     # grey image with only a warning, where imdecode returns None.
     img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"cannot decode image {path} (truncated, damaged or not an image): replace or remove it")
+        raise ValueError(f"cannot read image {path} (truncated, damaged or not an image): replace or remove it")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
