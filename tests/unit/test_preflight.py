@@ -102,7 +102,7 @@ def test_bad_tracking_uri(run, uri, match):
 
 
 def test_good_tracking_uris_pass():
-    for uri in ("http://127.0.0.1:5000", "postgresql+psycopg2://u@h/db", "databricks", "mlruns", "file:///tmp/x"):
+    for uri in ("http://127.0.0.1:5000", "postgresql+psycopg2://u@h/db", "databricks", "mlruns", "file:///data/mlruns"):
         preflight.check_tracking_uri(uri)
 
 
