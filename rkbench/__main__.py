@@ -10,11 +10,30 @@ are routed before the pipeline is imported, so `report` does not pay for torch a
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(argv)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, not Python's traceback through Hydra and the toolkit
+        print(interrupted(argv, exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0), file=sys.stderr)
+        return 130             # the shell's code for "ended by SIGINT"
+
+
+def interrupted(argv: list[str], done: int) -> str:
+    """`done`: configurations completed before the interrupt (cli.run_sweep re-raises with that count)."""
+    if argv[:1] in (["report"], ["doctor"]):
+        return f"rkbench: {argv[0]} interrupted (Ctrl-C)"
+    # the pipeline marks the interrupted MLflow run (and a sweep's parent run) KILLED on its way out
+    return (f"rkbench: interrupted (Ctrl-C) after {done} completed configuration(s), which stay in MLflow (the "
+            "interrupted run is marked KILLED); run the same command again to resume, finished configurations "
+            f"are reused: python -m rkbench {shlex.join(argv)}".rstrip())
+
+
+def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["report"]:
         from rkbench.report.__main__ import main as report_main
         return report_main(argv[1:])

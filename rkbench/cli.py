@@ -16,9 +16,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from rkbench import lifecycle, pipeline, spec
+from rkbench import preflight as checks
 from rkbench import metrics as M
-from rkbench.config import RunConfig, register, resolve_path, to_run_config
-from rkbench.errors import DataError, RkbenchError
+from rkbench.config import RunConfig, register, to_run_config
+from rkbench.errors import RkbenchError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("rkbench")
@@ -47,9 +48,8 @@ def compose_all(argv: list[str]) -> tuple[list[RunConfig], str]:
             combos, _ = lifecycle.expand(lifecycle.sweep_overrides(overrides, declared))
         for combo in combos:
             try:
-                run = to_run_config(compose("config", overrides=list(combo)))
-                spec.plan(run)   # combinations of the axes that apply (core mask vs SoC and batch)
-                configs.append(run)
+                # effective: axes without effect collapsed, combinations of the axes that apply checked
+                configs.append(spec.plan(to_run_config(compose("config", overrides=list(combo)))).config)
             except OmegaConfBaseException as exc:
                 key = getattr(exc, "full_key", "") or ""
                 raise RkbenchError(f"{' '.join(combo)}: {str(exc).splitlines()[0]}"
@@ -57,53 +57,17 @@ def compose_all(argv: list[str]) -> tuple[list[RunConfig], str]:
     return configs, out_dir
 
 
-def hydra_message(exc: Exception) -> str:
-    """Hydra's composition errors in one line that names the fix."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    first = lines[0]
-    if "Available options" in str(exc):      # unknown group option: list the options
-        options = lines[lines.index(next(ln for ln in lines if ln.startswith("Available options"))) + 1:]
-        return f"{first}: pick one of {', '.join(o for o in options if not o.startswith(('Config search', 'provider=')))}"
-    if first.startswith("Could not override"):
-        return f"{first} No such key: check its spelling (`python -m rkbench --cfg job` prints every key)"
-    cause = exc.__cause__
-    return f"{first}: {str(cause).splitlines()[0]}" if cause else first
-
-
-def preflight(argv: list[str]) -> str:
-    """Config and data checks for the whole sweep, before any export or conversion. Returns the
-    invocation's output dir."""
+def preflight(argv: list[str]) -> tuple[list[RunConfig], str]:
+    """Config and data checks for the whole sweep, before any export or conversion (rkbench/preflight.py).
+    Returns the effective configurations and the invocation's output dir."""
     from hydra.errors import HydraException
 
     try:
         configs, out_dir = compose_all(argv)
     except HydraException as exc:
-        raise RkbenchError(hydra_message(exc)) from None
-    for path in sorted({m for run in configs for m in (run.model.weights, run.model.onnx) if m}):
-        check_model_file(resolve_path(path))
-    seen = set()
-    for run in configs:
-        key = (repr(run.dataset), run.cache_dir)
-        if key not in seen:
-            seen.add(key)
-            ds = pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())
-            if not ds.images:
-                raise RkbenchError(f"dataset {run.dataset.name} has no images: check dataset.* paths")
-    return out_dir
-
-
-def check_model_file(path: Path) -> None:
-    """Catch a truncated or wrong file in a second, not after the first export."""
-    if path.suffix == ".onnx":
-        import onnx
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as exc:  # onnx raises DecodeError, ValidationError, ...
-            raise DataError(f"{path} is not a valid ONNX model ({type(exc).__name__}): re-export it") from None
-    elif path.suffix in (".pt", ".pth"):
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-                raise DataError(f"{path} is not a PyTorch checkpoint (truncated or wrong file?): re-export or copy it again")
+        raise RkbenchError(checks.hydra_message(exc)) from None
+    checks.check_runs(configs)
+    return configs, out_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -153,6 +117,17 @@ def finish(out_dir: str) -> int:
     return 1 if failed else 0
 
 
+def reap_orphans(configs: list[RunConfig]) -> None:
+    """Runs left RUNNING by a process that died (kill -9) are marked KILLED before new ones start."""
+    from rkbench.tracking import tracker_for
+
+    for uri, exp in sorted({(r.tracking.uri, r.tracking.experiment) for r in configs if r.tracking.enabled}):
+        reaped = tracker_for(uri, exp).reap_orphans()
+        if reaped:
+            print(f"rkbench: marked {len(reaped)} MLflow run(s) KILLED whose process died: {', '.join(reaped)}",
+                  file=sys.stderr)
+
+
 def _pin(key: str, value: str) -> str:
     return f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
 
@@ -164,10 +139,11 @@ def run_sweep(argv: list[str]) -> int:
         hydra_entry()
         return 0
     try:
-        out_dir = preflight(argv)
+        configs, out_dir = preflight(argv)
     except RkbenchError as err:
         print(f"rkbench: error: {err}", file=sys.stderr)
         return 2
+    reap_orphans(configs)
     for stale in Path(out_dir).glob(f"**/{pipeline.OUTCOME_FILE}"):   # a pinned dir used before
         stale.unlink()
     # Hydra's argparse wants its flags before the overrides; users put -m anywhere. The output dir is
@@ -177,10 +153,10 @@ def run_sweep(argv: list[str]) -> int:
     sys.argv = [sys.argv[0]] + flags + [a for a in argv if a not in flags] + [pinned]
     try:
         hydra_entry()
-    except BaseException:  # Ctrl-C or a bug: the parent run must not stay RUNNING forever
-        if flags:
-            cfg = compose_all([a for a in argv if a not in flags])[0][0]
-            if cfg.tracking.enabled:
-                lifecycle.abort(cfg.tracking.uri, cfg.tracking.experiment, out_dir)
+    except BaseException as exc:  # Ctrl-C or a bug: the parent run must not stay RUNNING forever
+        if flags and configs[0].tracking.enabled:
+            lifecycle.abort(configs[0].tracking.uri, configs[0].tracking.experiment, out_dir)
+        if isinstance(exc, KeyboardInterrupt):   # __main__ prints one line with how many completed
+            raise KeyboardInterrupt(len(lifecycle.outcomes(Path(out_dir)))) from None
         raise
     return finish(out_dir)

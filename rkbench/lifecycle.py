@@ -1,6 +1,6 @@
 """The sweep lifecycle as a Hydra Callback, and the sweep arithmetic shared with preflight.
 
-    on_multirun_start  reap runs whose process died (kill -9), open the sweep's parent MLflow run,
+    on_multirun_start  open the sweep's parent MLflow run,
                        tagged with its multirun dir so that every job finds it (in any process)
     (jobs)             each job logs its child run under that parent and writes outcome.json
     on_multirun_end    close the parent with the counts of its jobs' outcomes
@@ -65,10 +65,6 @@ class SweepCallback(Callback):
         from rkbench.tracking import git_sha, tracker_for
 
         tracker = tracker_for(config.tracking.uri, config.tracking.experiment)
-        reaped = tracker.reap_orphans() if hasattr(tracker, "reap_orphans") else []
-        if reaped:
-            print(f"rkbench: marked {len(reaped)} run(s) KILLED whose process is gone (killed earlier): "
-                  f"{', '.join(r[:8] for r in reaped)}")
         declared = {k: str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
         _, swept = expand(sweep_overrides(list(config.hydra.overrides.task), declared))
         sweep_dir = str(config.hydra.sweep.dir)

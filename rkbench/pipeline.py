@@ -250,8 +250,9 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
             tracker.end(run_id, "FAILED")
     except BaseException as exc:
         if tracker and run_id:
-            tracker.log(run_id, tags={"rkbench.status": "FAILED", "rkbench.error": f"{type(exc).__name__}: {exc}"})
-            tracker.end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracker.log(run_id, tags={"rkbench.status": status, "rkbench.error": f"{type(exc).__name__}: {exc}"})
+            tracker.end(run_id, status)
         raise
     outcome.cache = {s: "hit" for s in cache.hits} | {s: "miss" for s in cache.misses}
     outcome.save(ctx.output_dir)

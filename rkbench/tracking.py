@@ -3,12 +3,19 @@ configuration. Explicit MlflowClient calls, no global active run, so nesting is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
+
+import psutil
+
+from rkbench.locks import folder_lock
 
 log = logging.getLogger("rkbench.tracking")
 
@@ -21,24 +28,94 @@ def git_sha() -> str:
         return "unknown"
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory sqlite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs this process: host, pid and the pid's start time (a reused pid has another start time)."""
+    return {"rkbench.host": platform.node(), "rkbench.pid": str(os.getpid()),
+            "rkbench.pid_started": f"{psutil.Process().create_time():.3f}"}
+
+
+def _process_alive(pid: int, started: Optional[str]) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:   # killed, not yet waited for by its parent: gone
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.AccessDenied, ValueError):        # cannot tell: leave the run alone
+        return True
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self._entities = mlflow.entities
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
+        db = sqlite_path(uri)
+        # MLflow creates and migrates a fresh sqlite schema on first connect; two processes doing that at
+        # once fail with "table ... already exists". Later writes wait on SQLite's lock: MLflow sets
+        # PRAGMA busy_timeout=20000 on every session it opens.
+        with folder_lock(db.parent, "tracking.uri") if db else contextlib.nullcontext():
+            self.client = MlflowClient(tracking_uri=uri)
             # Keep artifacts beside a sqlite store (not in whatever ./mlruns the cwd has).
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+            self.experiment_id = self._experiment(experiment, (db.parent / "mlartifacts").as_uri() if db else None)
         self._parents: dict[str, Optional[str]] = {}
+
+    def _experiment(self, name: str, location: Optional[str]) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:   # another process created it since the lookup (tracking server)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def reap_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose process is gone (kill -9, OOM killer, power
+        loss), so they do not stay RUNNING forever; returns their run ids. Only runs started on this host
+        are judged (by pid and pid start time); runs of other hosts and runs without owner tags are left
+        alone. Assumes one pid namespace per host name (distinct containers have distinct host names)."""
+        here = platform.node()
+        reaped = []
+        for run in self._running():
+            tags = run.data.tags
+            host = tags.get("rkbench.host", "").split(" ")[0]  # the pipeline rewrites it as "node machine cpu"
+            if host != here or not tags.get("rkbench.pid", "").isdigit():
+                continue
+            pid = int(tags["rkbench.pid"])
+            if _process_alive(pid, tags.get("rkbench.pid_started")):
+                continue
+            reason = f"process {pid} on {host} ended while the run was RUNNING (killed or crashed)"
+            self.log(run.info.run_id, tags={"rkbench.status": "KILLED", "rkbench.error": reason,
+                                            "rkbench.hint": "re-run the same command: finished runs are reused"})
+            self.end(run.info.run_id, "KILLED")
+            log.warning("MLflow run %s (%s): %s; marked KILLED", run.info.run_id, run.info.run_name, reason)
+            reaped.append(run.info.run_id)
+        return reaped
+
+    def _running(self) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
 
     # ----------------------------------------------------------------------- identity and membership
 
@@ -81,7 +158,7 @@ class Tracker:
 
 
     def start(self, name: str, tags: dict[str, str], parent: Optional[str] = None) -> str:
-        tags = dict(tags, **{"mlflow.runName": name})
+        tags = {**owner_tags(), **tags, "mlflow.runName": name}
         if parent:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id

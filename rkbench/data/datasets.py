@@ -1,12 +1,16 @@
 """Evaluation datasets: a COCO json + image folder, or an Ultralytics YOLO layout, as one `Dataset`.
 
 Both loaders validate everything up front (files, image headers, boxes, ids) so a bad dataset fails
-before any export or conversion starts, with a DataError that names the fix."""
+before any export or conversion starts, with a DataError that names the fix. That includes images that
+would only fail when decoded: pixel bombs (refused from the header size, before any decoding) and
+truncated files (header intact, end cut off). Such an image rejects the whole dataset at preflight
+rather than being counted as missed at evaluation: a silently smaller dataset would change the mAP."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -17,10 +21,16 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from rkbench.errors import DataError
+from rkbench.models.prepost import load_rgb
+
+log = logging.getLogger("rkbench.data")
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 BOX_TOLERANCE_PX = 1.0      # COCO/YOLO boxes may overshoot the border by rounding; more is an error
 YOLO_TOLERANCE = 1e-3       # same for normalised YOLO coordinates
+MAX_PIXELS = 8192 * 8192    # larger images are refused from their header: decoded they need > 200 MB each
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}   # what a file cut short (header intact) has lost
+TAIL_BYTES = 4096           # where the end marker is looked for (then a full decode): one page per image
 
 # The 80 COCO classes in Ultralytics' order and their official COCO category ids (1..90 with gaps), so a
 # YOLO-layout copy of COCO (e.g. coco128) yields detections with the real COCO category ids.
@@ -76,20 +86,51 @@ class Dataset:
 # helpers shared by both loaders
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header, EXIF rotation applied like cv2.imread does; DataError if unreadable."""
+    """(width, height) from the image header, EXIF rotation applied like cv2.imread does; DataError if
+    unreadable, over MAX_PIXELS or truncated."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:   # lazy: reads the header only
             w, h = im.size
+            fmt = im.format
+            if w * h > MAX_PIXELS:     # before getexif(), which decodes a PNG to find its EXIF chunk
+                raise DataError(f"image {path} is {w}x{h} ({w * h:,} pixels), over the {MAX_PIXELS:,} pixel "
+                                "limit: downscale it or leave it out")
             if im.getexif().get(0x0112) in (5, 6, 7, 8):   # orientations that swap width and height
                 w, h = h, w
     except FileNotFoundError as e:
         raise DataError(f"image not found: {path}: check the image folder / file names in the annotations") from e
+    except Image.DecompressionBombError as e:   # PIL refuses > 2x its own limit already in open()
+        raise DataError(f"image {path} is over the {MAX_PIXELS:,} pixel limit ({e}): downscale it or leave it "
+                        "out") from None
     # ImportError: with Ultralytics imported, Image.open is patched to load pi-heif for files PIL cannot identify
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as e:
-        raise DataError(f"unreadable image {path} ({type(e).__name__}): replace or remove the file") from e
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise DataError(f"unreadable image {path} ({reason}): replace or remove the file") from e
     if w <= 0 or h <= 0:
         raise DataError(f"image {path} has size {w}x{h}: replace or remove the file")
+    if not _complete(path, fmt):
+        raise DataError(f"image {path} is truncated (its {fmt} end marker is missing and it does not decode): "
+                        "copy it again or remove it")
     return w, h
+
+
+def _complete(path: Path, fmt: str) -> bool:
+    """False for a JPEG/PNG cut short. cv2.imread decodes those as a partly grey image without an error,
+    so the end marker is looked for in the file's tail; when it is not there (data appended after the
+    image, e.g. a phone's motion photo), the file is decoded the way evaluation will decode it."""
+    marker = END_MARKERS.get(fmt)
+    if marker is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - TAIL_BYTES))
+        if marker in f.read():
+            return True
+    try:
+        load_rgb(path)
+        return True
+    except ValueError:
+        return False
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -340,7 +381,8 @@ def load_yolo(path: Path, split: str = "val", limit: int | None = None) -> Datas
 
 def calibration_images(dataset_or_dir: Union[Dataset, Path, str], n: int, seed: int) -> list[Path]:
     """n images picked with a seeded sampler from a Dataset or a folder (searched recursively), in path order.
-    Fewer when fewer exist. The same inputs always give the same list."""
+    Fewer when fewer exist (warned): len() of the result is the number actually used, to log as a metric.
+    The same inputs always give the same list. Images of a folder are checked like dataset images."""
     if n < 1:
         raise DataError(f"calibration size {n}: use at least one image (calib.size)")
     if isinstance(dataset_or_dir, Dataset):
@@ -348,11 +390,18 @@ def calibration_images(dataset_or_dir: Union[Dataset, Path, str], n: int, seed: 
         where = f"dataset {dataset_or_dir.name}"
     else:
         folder = Path(dataset_or_dir)
+        if folder.is_file():
+            raise DataError(f"calib.source={folder} is a file: set calib.source to a folder of images or 'dataset'")
         if not folder.is_dir():
             raise DataError(f"calibration folder not found: {folder}: set calib.source to a folder of images or 'dataset'")
         candidates = _list_images(folder)
         where = str(folder)
     if not candidates:
         raise DataError(f"no images in {where} to calibrate with: add images or set calib.source=dataset")
-    picked = random.Random(seed).sample(candidates, min(n, len(candidates)))
-    return sorted(picked)
+    if n > len(candidates):
+        log.warning("calib.size=%d but %s has %d images: calibrating with %d", n, where, len(candidates), len(candidates))
+    picked = sorted(random.Random(seed).sample(candidates, min(n, len(candidates))))
+    if not isinstance(dataset_or_dir, Dataset):  # a Dataset's images were checked when it was loaded
+        for path in picked:
+            image_size(path)
+    return picked

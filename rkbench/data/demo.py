@@ -25,6 +25,7 @@ import numpy as np
 
 from rkbench.data.datasets import Dataset, load_coco
 from rkbench.errors import DataError
+from rkbench.locks import folder_lock
 
 GENERATOR_VERSION = 1           # bump when the drawing changes: cached demo folders are then regenerated
 MARKER = ".rkbench-demo.json"
@@ -221,14 +222,12 @@ def _marker_ok(root: Path, n_val: int, seed: int) -> bool:
     return m.get("version") == GENERATOR_VERSION and m.get("n_val") == n_val and m.get("seed") == seed
 
 
-def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:
-    """The demo val split under root, generated on first use (into a temp folder, then renamed into place,
-    so concurrent runs and interrupted generations never see a half-written dataset)."""
-    root = Path(root).resolve()
-    if not _marker_ok(root, n_val, seed):
-        if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
-            raise DataError(f"{root} exists and is not an rkbench demo folder: point dataset.root at an empty or new folder")
-        root.parent.mkdir(parents=True, exist_ok=True)
+def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
+    """Generate into a temp folder, then rename it to root: an interrupted generation leaves no half-written
+    dataset behind."""
+    if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
+        raise DataError(f"{root} exists and is not an rkbench demo folder: point dataset.root at an empty or new folder")
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
             generate_demo(tmp, 0, n_val, seed, yaml_root=root)
@@ -238,13 +237,23 @@ def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int
                 stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale.", dir=root.parent))
                 os.replace(root, stale / "old")
                 shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.replace(tmp, root)
-            except OSError:
-                if not _marker_ok(root, n_val, seed):   # another process did not win the race either
-                    raise
+            os.replace(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # read-only place, disk full
+        raise DataError(f"cannot write the demo dataset in {root.parent} ({exc.strerror}): set cache_dir (or "
+                        "dataset.root) to a writable folder with free space") from None
+
+
+def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:
+    """The demo val split under root, generated on first use. Concurrent runs are safe: the first one
+    generates under a lock on root's parent folder, the others wait for it and then use its folder (a second
+    generation would replace the folder under the first run's feet)."""
+    root = Path(root).resolve()
+    if not _marker_ok(root, n_val, seed):
+        with folder_lock(root.parent, "cache_dir (or dataset.root)"):
+            if not _marker_ok(root, n_val, seed):   # not generated meanwhile by the process we waited for
+                _generate_in_place(root, n_val, seed)
     ds = load_coco(root / "annotations" / "instances_val.json", root / "images" / "val", limit)
     ds.name = "demo"
     return ds

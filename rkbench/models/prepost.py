@@ -28,13 +28,16 @@ class LetterboxInfo:
 
 
 def load_rgb(path) -> np.ndarray:
+    """HxWx3 uint8 RGB. ValueError (this file imports no rkbench, so no DataError) naming the file when it
+    does not decode, truncated files included: datasets reject those up front, this is the last check."""
     import cv2
 
     # imdecode, not imread: Ultralytics replaces cv2.imread on import with a version that tries to
-    # pip-install pi-heif when a file does not decode.
+    # pip-install pi-heif when a file does not decode; and imread returns a truncated JPEG as a partly
+    # grey image with only a warning, where imdecode returns None.
     img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise ValueError(f"cannot read image {path}: check the file exists and is a valid image")
+        raise ValueError(f"cannot read image {path} (truncated, damaged or not an image): replace or remove it")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

@@ -55,7 +55,6 @@ def test_sweep_records_failures_and_resumes(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
     sweep = common(workdir) + ["-m", "resolution=96,128", "export=rknn,ultralytics"]
     assert main(sweep) == 1                      # the official head fails to convert: exit says so
-    children = runs(workdir)
     parents = runs(workdir, "sweep")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     assert parents[0].data.tags["rkbench.swept"] == "export,resolution"

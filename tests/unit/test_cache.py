@@ -4,7 +4,6 @@ discarded with a warning, failures remembered only when deterministic."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import subprocess

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
 import pytest
 
 from rkbench.data import demo
-from rkbench.data.datasets import COCO80_NAMES, Dataset, calibration_images, load_coco, load_yolo
+from rkbench.data.datasets import COCO80_NAMES, MAX_PIXELS, Dataset, calibration_images, load_coco, load_yolo
 from rkbench.data.demo import demo_dataset, generate_demo, render
 from rkbench.errors import DataError
+from rkbench.models.prepost import load_rgb
 
 N_VAL = 6
 
@@ -112,6 +116,12 @@ def test_demo_dataset_regenerates_stale_version_and_refuses_foreign_folder(tmp_p
     assert (foreign / "notes.txt").exists()
 
 
+def test_demo_dataset_in_a_place_that_cannot_be_written():
+    """/proc stops even root: the folder exists but nothing can be made in it."""
+    _raises(demo_dataset, Path("/proc/rkbench-demo"), match="cannot write the demo dataset in /proc "
+            r"\(No such file or directory\): set cache_dir \(or dataset.root\) to a writable folder")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # loaders
 
@@ -192,6 +202,47 @@ def test_unreadable_image(copy):
     (copy / "images/val/val_00002.png").write_bytes(b"this is not a png")
     _raises(_coco, copy, match="unreadable image")
     _raises(load_yolo, copy / "data.yaml", "val", match="unreadable image")
+
+
+def _png_1bit(path: Path, width: int, height: int) -> None:
+    """A valid black 1-bit PNG, written chunk by chunk: a few hundred KB on disk, 1.2 GB once decoded to RGB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = (b"\x00" + bytes((width + 7) // 8)) * height        # filter byte + one bit per pixel
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [20000, 9000])     # past PIL's own bomb error, and between its warning and ours
+def test_pixel_bomb_is_refused_from_its_header(copy, side):
+    bomb = copy / "images/val/val_00002.png"
+    _png_1bit(bomb, side, side)
+    assert side * side > MAX_PIXELS
+    _raises(_coco, copy, match=f"{bomb}.*over the {MAX_PIXELS:,} pixel limit")
+    _raises(load_yolo, copy / "data.yaml", "val", match=f"{bomb}.*over the {MAX_PIXELS:,} pixel limit")
+
+
+def _as_jpeg(png: Path) -> Path:
+    jpg = png.with_suffix(".jpg")
+    assert cv2.imwrite(str(jpg), cv2.imread(str(png)))
+    png.unlink()
+    return jpg
+
+
+def test_truncated_images_are_refused_when_the_dataset_loads(copy):
+    jpg = _as_jpeg(copy / "images/val/val_00002.png")
+    data = jpg.read_bytes()
+    jpg.write_bytes(data + bytes(100_000))              # data after the image (a phone's motion photo): fine
+    assert len(load_yolo(copy / "data.yaml", "val").images) == N_VAL
+    jpg.write_bytes(data[:len(data) * 2 // 3])          # header intact, end cut off
+    _raises(load_yolo, copy / "data.yaml", "val", match=f"{jpg} is truncated")
+    with pytest.raises(ValueError, match=f"cannot read image {jpg} \\(truncated"):
+        load_rgb(jpg)
+    png = copy / "images/val/val_00003.png"
+    png.write_bytes(png.read_bytes()[:-200])
+    _raises(load_yolo, copy / "data.yaml", "val", match=f"{jpg} is truncated")   # the first bad one, by path
+    jpg.write_bytes(data)
+    _raises(load_yolo, copy / "data.yaml", "val", match=f"{png} .*truncated")
 
 
 def test_image_size_must_match_the_json(copy):
@@ -287,3 +338,22 @@ def test_calibration_picks_are_deterministic(demo_root, tmp_path):
     (tmp_path / "empty").mkdir()
     _raises(calibration_images, tmp_path / "empty", 2, 0, match="no images")
     _raises(calibration_images, ds, 0, 0, match="at least one image")
+
+
+def test_calibration_says_when_it_has_fewer_images_than_asked(demo_root, caplog):
+    ds = _coco(demo_root)
+    with caplog.at_level(logging.WARNING, logger="rkbench.data"):
+        assert len(calibration_images(ds, N_VAL, seed=0)) == N_VAL
+        assert not caplog.records
+        assert len(calibration_images(ds, 100, seed=0)) == N_VAL      # the real number, for the caller to log
+    assert [r.getMessage() for r in caplog.records] == [f"calib.size=100 but dataset instances_val has {N_VAL} images: "
+                                                         f"calibrating with {N_VAL}"]
+
+
+def test_calibration_folder_must_be_a_folder_of_sound_images(demo_root, tmp_path):
+    _raises(calibration_images, demo_root / "data.yaml", 2, 0, match="calib.source=.*data.yaml is a file: set calib.source to a folder")
+    folder = tmp_path / "calib"
+    shutil.copytree(demo_root / "images/val", folder)
+    jpg = _as_jpeg(folder / "val_00001.png")
+    jpg.write_bytes(jpg.read_bytes()[:-500])
+    _raises(calibration_images, folder, 100, 0, match=f"{jpg} is truncated")

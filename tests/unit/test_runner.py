@@ -17,10 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
-from rkbench.device import modes, runner, runner_io, sampling
+from rkbench.device import modes, runner_io, sampling
 from rkbench.device.session import bundle_files
 from rkbench.models.detect import InferenceSpec, SpecError
-from rkbench.runtimes import backends
 from test_backends import make_rknn_head_model
 
 SIZE = 64
