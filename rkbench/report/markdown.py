@@ -6,7 +6,7 @@ import math
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
-from rkbench.metrics import WHERE
+from rkbench.metrics import EVAL_MAP, WHERE
 from rkbench.report.runs import Pivot, RunRecord, Selection
 
 # Counts columns in the runs table (at the lowest logged threshold) and in the counts section.
@@ -69,7 +69,7 @@ def count_conf(runs: list[RunRecord]) -> list[str]:
 def run_columns(runs: list[RunRecord]) -> list[str]:
     """Key metrics present in at least one run, in reading order."""
     present = {m for r in runs for m in r.metrics}
-    fixed = [m for m in ("eval/map50_95", "eval/map50", "eval_float/map50_95") if m in present]
+    fixed = [m for m in (EVAL_MAP, "eval/map50", "eval_float/map50_95") if m in present]
     latency = sorted(m for m in present if m.startswith("latency/") and m.endswith("_p50"))
     rest = sorted(m for m in present if m.startswith("throughput/")) + [m for m in ("convert/build_s",) if m in present]
     confs = count_conf(runs)

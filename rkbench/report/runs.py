@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from rkbench.errors import ConfigError, DataError
+from rkbench.metrics import EVAL_MAP
 
 MISSING = "-"   # a param a run does not have
 
@@ -159,7 +160,7 @@ def default_pivots(sel: Selection) -> list[tuple[str, str, str]]:
     if row not in sel.axes and col not in sel.axes:
         return []
     metrics = {m for r in sel.runs for m in r.metrics}
-    wanted = ["eval/map50_95"] + sorted(m for m in metrics if m.startswith("latency/") and m.endswith("_p50"))
+    wanted = [EVAL_MAP] + sorted(m for m in metrics if m.startswith("latency/") and m.endswith("_p50"))
     return [(m, row, col) for m in wanted if m in metrics]
 
 

@@ -5,6 +5,8 @@ targets keep it fast; the rules are the same for the simulator and the board (te
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -107,3 +109,17 @@ def test_axes_without_effect_are_one_measurement(work, capsys):
     assert main(common(work) + ["resume=false"]) == 0
     again = max(search(work, "tags.`rkbench.kind` = 'config'"), key=lambda r: r.info.start_time)
     assert "reused from the evaluate cache, not re-measured" in again.data.tags["rkbench.measure"]
+
+
+def test_a_finished_sweep_run_again_is_a_no_op_without_mlflow_or_torch(work):
+    argv = ["-m"] + common(work) + ["eval.iou=0.6,0.7"]
+    assert main(argv) == 0
+    before = len(search(work, "attributes.status != 'RUNNING'"))
+    probe = ("import sys; from rkbench.__main__ import main; code = main(sys.argv[1:]); "
+             "print('heavy:', sorted(m for m in ('mlflow', 'torch', 'rknn.api', 'ultralytics') if m in sys.modules)); "
+             "sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "heavy: []" in proc.stdout                        # decided from the sqlite store, read-only
+    assert proc.stdout.count("REUSED") == 2 and "nothing to run" in proc.stdout
+    assert len(search(work, "attributes.status != 'RUNNING'")) == before     # no run started
