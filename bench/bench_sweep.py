@@ -3,7 +3,8 @@
     python bench/bench_sweep.py [--images N] [--sweep "resolution=320,640 algo=normal,kl_divergence"]
 
 1. cold: empty cache, empty MLflow store -> every export, conversion and evaluation runs;
-2. warm, resume: the same command again -> every configuration is reused from MLflow (identity match);
+2. warm, resume: the same command again -> every configuration is reused (identity match; one earlier
+   sweep holds them all, so it is decided from the sqlite store without MLflow or a Hydra launch);
 3. warm, resume=false: every configuration is measured again, every stage a cache hit;
 4. the resume run once more under `python -X importtime`, untimed: which heavy modules the reuse path
    imported (it should import neither torch nor rknn-toolkit2).
@@ -59,7 +60,7 @@ def main() -> None:
     n = out_cold.count("FINISHED")
     print(f"sweep: {args.sweep} ({n} configurations, {args.images or 'all'} images each, host {sys.platform})")
     print(f"cold (all stages run)            {cold:8.1f} s")
-    print(f"warm, resume (reused, MLflow)    {resume:8.1f} s   cold/warm = {cold / resume:6.1f}x   "
+    print(f"warm, resume (all reused)        {resume:8.1f} s   cold/warm = {cold / resume:6.1f}x   "
           f"(target >= 20x; {out_resume.count('REUSED')} REUSED)")
     print(f"warm, resume=false (cache hits)  {rerun:8.1f} s   cold/warm = {cold / rerun:6.1f}x")
     print(f"conversions: cold {out_cold.count('convert:miss')}, resume {out_resume.count('convert:miss')}, "
