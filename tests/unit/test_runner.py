@@ -1,6 +1,7 @@
-"""The on-device runner, run the way a board runs it: as a script in a flat folder holding only runner.py,
-prepost.py, backends.py and stats.py (rkbench itself made unimportable), with ONNX Runtime on a tiny model whose
-outputs have the RKNN head layout, so letterbox, DFL decode, NMS and tiling all run for real."""
+"""The on-device runner, run the way a board runs it: as a script in a flat folder holding only the bundle
+the board stage pushes (runner.py and the modules it imports flat; rkbench itself made unimportable),
+driven by a spec file, with ONNX Runtime on a tiny model whose outputs have the RKNN head layout, so
+letterbox, DFL decode, NMS and tiling all run for real."""
 
 from __future__ import annotations
 
