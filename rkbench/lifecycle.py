@@ -2,7 +2,7 @@
 
     on_multirun_start  open the sweep's parent MLflow run,
                        tagged with its multirun dir so that every job finds it (in any process)
-    (jobs)             each job logs its child run under that parent and writes outcome.json
+    (jobs)             each job logs its child run under that parent and writes rkbench_outcome.json
     on_multirun_end    close the parent with the counts of its jobs' outcomes
 
 No process-wide state: the parent is found through MLflow by the multirun dir, the outcomes through
@@ -47,9 +47,11 @@ def outcomes(sweep_dir: Path) -> list:
     """The outcome of each job of a multirun (or the one run of a run dir), in job order."""
     from rkbench.pipeline import OUTCOME_FILE, Outcome
 
-    files = sorted(sweep_dir.glob(f"*/{OUTCOME_FILE}"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
     single = sweep_dir / OUTCOME_FILE
-    return [Outcome.load(p) for p in ([single] if single.exists() else files)]
+    if single.exists():
+        return [Outcome.load(single)]
+    files = sweep_dir.rglob(OUTCOME_FILE)   # job dirs: hydra.sweep.subdir, the job number by default
+    return [Outcome.load(p) for p in sorted(files, key=lambda p: (int(p.parent.name) if p.parent.name.isdigit() else 0, str(p)))]
 
 
 def sweep_status(found: list) -> str:

@@ -26,7 +26,7 @@ from rkbench.errors import RkbenchError
 
 log = logging.getLogger("rkbench")
 
-OUTCOME_FILE = "outcome.json"   # in each Hydra job's output dir: what the sweep summary reads
+OUTCOME_FILE = "rkbench_outcome.json"   # in each Hydra job's output dir: what the sweep summary reads
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RunContext:
     multirun: bool = False
     sweep_dir: str = ""                 # the multirun's dir: the parent run is found by it
     overrides: list[str] = field(default_factory=list)
-    output_dir: Optional[Path] = None   # the job's own dir: outcome.json goes there
+    output_dir: Optional[Path] = None   # the job's own dir: rkbench_outcome.json goes there
 
 
 @dataclass
