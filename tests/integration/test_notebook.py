@@ -36,6 +36,9 @@ def use_this_python(tmp_path: Path, monkeypatch) -> None:
     `pip install -e '.[test]'` needs no registration step."""
     write_kernel_spec(tmp_path / "kernels" / KERNEL)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    # connection files and the IPython profile in tmp_path too: no startup script of the user's runs
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     assert KernelSpecManager().get_kernel_spec(KERNEL).argv[0] == sys.executable
 
 
@@ -74,7 +77,9 @@ def test_notebook_shows_one_sweep(tmp_path, monkeypatch):
     assert f"({first}), 4 configuration runs" in text and later not in text
     assert "swept axes: eval.iou, resolution" in text
     runs_table = outputs(nb, "text/html")[0]
-    assert "<table" in runs_table and "eval.iou=0.7" in runs_table and "eval.iou=0.5" not in runs_table
+    # one header row and the first sweep's four configurations; the later sweep's eval.iou=0.5 is not there
+    assert runs_table.count("<tr") == 1 + 4
+    assert "<td>0.6</td>" in runs_table and "<td>0.7</td>" in runs_table and "<td>0.5</td>" not in runs_table
     pivots = outputs(nb, "text/markdown")
     assert any(t.startswith("**eval/map50_95** by resolution") and "| 128 " in t for t in pivots)
     assert any(t.startswith("**Pareto front, latency/host_infer_ms_p50**") for t in pivots)
