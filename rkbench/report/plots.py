@@ -114,12 +114,12 @@ def pareto_figure(f: Frontier):
         if f.front:
             ax.step([pt.latency for pt in f.front], [pt.map for pt in f.front], where="post", color="tab:red",
                     label="Pareto front")
-            for pt in f.front:
-                note = ax.annotate(pt.short, (pt.latency, pt.map), textcoords="offset points", xytext=(-4, 6),
-                                   ha="right", fontsize=7)
-                note.set_in_layout(False)       # a long label must not shrink the axes
+        for pt in f.points:
+            note = ax.annotate(pt.short, (pt.latency, pt.map), textcoords="offset points", xytext=(5, 3),
+                               fontsize=7)
+            note.set_in_layout(False)           # a long label must not shrink the axes
         ax.set_ylim(bottom=0, top=max([pt.map for pt in f.points] + [0.0]) * 1.15 or 1.0)
-        ax.set_xlim(left=0, right=max([pt.latency for pt in f.points] + [0.0]) * 1.1 or 1.0)
+        ax.set_xlim(left=0, right=max([pt.latency for pt in f.points] + [0.0]) * 1.3 or 1.0)
         ax.legend(loc="lower right", title=" / ".join(f.axes) or None)
         fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
