@@ -15,7 +15,7 @@ from rkbench.report.frontier import Frontier, fastest
 from rkbench.report.gate import Row
 from rkbench.report.plots import metric_label
 from rkbench.report.runs import Pivot, RunRecord, Selection, config_label, latency_stem, latest_per_config
-from rkbench.report.validity import Limits, timing, validity, verdict
+from rkbench.report.validity import Limits, as_text, timing, validity
 
 # Counts columns in the runs table (at the lowest logged threshold) and in the counts section.
 COUNT_FIELDS = ("gt", "correct", "false", "missed", "correct_ratio", "false_ratio", "missed_ratio")
@@ -151,16 +151,19 @@ def _where(sel: Selection) -> list[str]:
 def _runs_table(sel: Selection, limits: Limits) -> list[str]:
     metrics = run_columns(sel.runs)
     timed = any(latency_stem(r) for r in sel.runs)
-    header = ["run", "status"] + sel.axes + [_label(m) for m in metrics] + (["latency"] if timed else [])
-    rows = [[r.name, r.status] + [r.param(a) for a in sel.axes] + [value(r, m) for m in metrics]
-            + ([("VALID" if validity(r, None, limits)[0] else "INVALID") if latency_stem(r) else None] if timed else [])
-            for r in sel.runs]
-    numeric = [False, False] + [False] * len(sel.axes) + [True] * len(metrics) + [False] * timed
-    lines = ["", "## Runs", "", table(header, rows, numeric)]
-    if timed:
-        lines += ["", "latency: whether the run's own latency (at the place it was measured) is VALID; the reasons "
-                      "are in Latency details."]
-    return lines
+
+    def valid(r: RunRecord) -> Optional[str]:
+        return ("VALID" if validity(r, None, limits)[0] else "INVALID") if latency_stem(r) else None
+
+    header = ["run", "status"] + sel.axes + [_label(m) for m in metrics]
+    rows = [[r.name, r.status] + [r.param(a) for a in sel.axes] + [value(r, m) for m in metrics] for r in sel.runs]
+    numeric = [False, False] + [False] * len(sel.axes) + [True] * len(metrics)
+    if not timed:
+        return ["", "## Runs", "", table(header, rows, numeric)]
+    rows = [row + [valid(r)] for row, r in zip(rows, sel.runs)]
+    return ["", "## Runs", "", table(header + ["latency"], rows, numeric + [False]), "",
+            "latency: whether the run's own latency (at the place it was measured) is VALID; the reasons are in "
+            "Latency details."]
 
 
 def _failures(sel: Selection) -> list[str]:
@@ -226,7 +229,7 @@ def _latency(sel: Selection, limits: Limits) -> list[str]:
         for s in stems:
             t = timing(r, s)
             rows.append([r.name, s] + [r.metrics.get(f"latency/{s}_{k}") for k in LATENCY_STATS]
-                        + [t.iterations, t.seconds, verdict(*validity(r, s, limits))])
+                        + [t.iterations, t.seconds, as_text(*validity(r, s, limits))])
     if not rows:
         return []
     return ["", "## Latency details", "",

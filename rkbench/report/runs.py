@@ -3,6 +3,7 @@ one sweep (or every config run of the experiment), their swept axes, and pivots 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -160,14 +161,15 @@ def host_float(metric: str) -> bool:
     return metric.startswith(("eval_float/", "export/")) or where(metric) == "host"
 
 
-def onnx_independent_axes() -> set[str]:
+@functools.cache
+def onnx_independent_axes() -> frozenset[str]:
     """Axes that do not change the float ONNX or how the host runs it: the ones spec.APPLIES says have no
     effect on target=onnxruntime (they only change the .rknn or the board)."""
     from rkbench.config import RunConfig
     from rkbench.spec import APPLIES
 
     host = RunConfig(target="onnxruntime")
-    return {k for keys, applies, _ in APPLIES if not applies(host) for k in keys}
+    return frozenset(k for keys, applies, _ in APPLIES if not applies(host) for k in keys)
 
 
 def can_depend(metric: str, axis: str) -> bool:
@@ -193,7 +195,8 @@ def default_pivots(sel: Selection) -> list[tuple[str, str, Optional[str]]]:
         axes = [a for a in varying(sel, metric) if can_depend(metric, a)]
         if not axes:
             continue
-        row = next((a for a in axes if numeric([r.param(a) for r in sel.runs])), axes[0])
+        runs = [r for r in sel.runs if metric in r.metrics]
+        row = next((a for a in axes if numeric([r.param(a) for r in runs])), axes[0])
         col = next((a for a in axes if a != row), None)
         out.append((metric, row, col))
     return out

@@ -92,5 +92,5 @@ def validity(run: RunRecord, stem: Optional[str] = None, limits: Limits = Limits
     return not reasons, reasons
 
 
-def verdict(valid: bool, reasons: list[str]) -> str:
+def as_text(valid: bool, reasons: list[str]) -> str:
     return "VALID" if valid else "INVALID: " + "; ".join(reasons)

@@ -396,3 +396,19 @@ def test_board_clock_not_pinned_is_invalid_and_board_plots_have_no_caveat(board_
             in text.splitlines())
     pngs = list(board_report.parent.glob("*.png"))
     assert len(pngs) >= 2 and not [p for p in pngs if "Caveat" in _png_text(p)]
+
+
+def test_validity_from_count_metrics_and_what_cannot_be_checked():
+    from rkbench.report.validity import Limits, validity
+
+    def run(metrics: dict, tags: dict) -> RunRecord:
+        return RunRecord("r", "r", "FINISHED", 0, None, {}, metrics, {"rkbench.device_kind": "board", **tags})
+
+    lat = {"latency/board_py_total_ms_p50": 10.0, "latency/board_py_total_ms_mean": 10.0}
+    counted = run({**lat, "latency/board_py_total_ms_count": 300, "latency/board_py_total_ms_cv": 0.05},
+                  {"board.cpu_governor": "policy0:performance,policy4:schedutil", "board.npu_governor": "userspace"})
+    assert validity(counted) == (False, ["cpu_governor schedutil: clock not pinned (set it to performance)"])
+    assert validity(counted, limits=Limits(min_iterations=500)) == (False, [
+        "300 iterations < 500", "cpu_governor schedutil: clock not pinned (set it to performance)"])
+    assert validity(run(lat, {})) == (False, ["iteration count not recorded", "cv not recorded"])
+    assert validity(run({}, {})) == (False, ["no latency measured"])
