@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 
 import numpy as np
 
@@ -40,9 +41,8 @@ def _detection_dataset(gt: dict, detections: list[dict]) -> dict:
     return {"images": gt["images"], "categories": gt["categories"], "annotations": annotations}
 
 
-def coco_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
-    """COCOeval (bbox) over the images of `coco_gt`. Keys: map50_95 map50 map75 map_small map_medium
-    map_large ar1 ar10 ar100. No detections gives 0.0 wherever ground truth exists."""
+def _cocoeval(coco_gt: dict, detections: list[dict]):
+    """A COCOeval (bbox) over the images of `coco_gt`, evaluated and accumulated, its prints swallowed."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -57,6 +57,29 @@ def coco_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
         ev.params.imgIds = sorted(cocogt.getImgIds())
         ev.evaluate()
         ev.accumulate()
+    return ev
+
+
+def coco_metrics(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    """COCOeval (bbox) over the images of `coco_gt`. Keys: map50_95 map50 map75 map_small map_medium
+    map_large ar1 ar10 ar100. No detections gives 0.0 wherever ground truth exists."""
+    ev = _cocoeval(coco_gt, detections)
+    with contextlib.redirect_stdout(io.StringIO()):
         ev.summarize()
     stats = np.asarray(ev.stats, dtype=float)
     return {k: (math.nan if stats[i] < 0 else float(stats[i])) for i, k in enumerate(KEYS)}
+
+
+def per_class_ap(coco_gt: dict, detections: list[dict]) -> dict[str, float]:
+    """AP50-95 of each category of `coco_gt`, keyed by its name: COCOeval's precision for that category
+    averaged over the 10 IoU thresholds and 101 recall points (area all, 100 detections per image), as
+    pycocotools' summarize() does for the whole set. A category without ground truth is NaN. Characters
+    that MLflow refuses in a metric name become '_' (the keys go into `eval_class/<name>`)."""
+    ev = _cocoeval(coco_gt, detections)
+    precision = ev.eval["precision"][:, :, :, 0, -1]      # [iou, recall, category] at area all, maxDets 100
+    names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.get("categories", [])}
+    out = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k]
+        out[re.sub(r"[^\w\-. /]", "_", names[cat_id])] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
+    return out

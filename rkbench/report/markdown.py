@@ -1,17 +1,28 @@
-"""Markdown rendering of a report: a small table formatter and the report's sections."""
+"""Markdown rendering of a report: a small table formatter and the report's sections.
+
+The formatter is hand-written: pandas' DataFrame.to_markdown needs the `tabulate` package, which is not
+a dependency."""
 
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 from rkbench.metrics import EVAL_MAP, WHERE
-from rkbench.report.runs import Pivot, RunRecord, Selection
+from rkbench.report.frontier import Frontier, fastest
+from rkbench.report.gate import Row
+from rkbench.report.plots import metric_label
+from rkbench.report.runs import Pivot, RunRecord, Selection, config_label, latency_stem, latest_per_config
+from rkbench.report.validity import Limits, as_text, timing, validity
 
 # Counts columns in the runs table (at the lowest logged threshold) and in the counts section.
 COUNT_FIELDS = ("gt", "correct", "false", "missed", "correct_ratio", "false_ratio", "missed_ratio")
 LATENCY_STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv")
+FLOAT_MAP = "eval_float/map50_95"
+DROP = "map50_95 - float"      # runs-table column: eval/map50_95 - eval_float/map50_95 (the quantization loss)
+CPP = re.compile(r"latency/(?P<place>[a-z]+)_cpp_(?P<part>\w+)_ms_p50")
 
 
 def fmt(value: object) -> str:
@@ -67,14 +78,23 @@ def count_conf(runs: list[RunRecord]) -> list[str]:
 
 
 def run_columns(runs: list[RunRecord]) -> list[str]:
-    """Key metrics present in at least one run, in reading order."""
+    """Key metrics present in at least one run, in reading order (DROP is computed, see value())."""
     present = {m for r in runs for m in r.metrics}
-    fixed = [m for m in (EVAL_MAP, "eval/map50", "eval_float/map50_95") if m in present]
+    fixed = [m for m in (EVAL_MAP, "eval/map50", FLOAT_MAP) if m in present]
+    drop = [DROP] if {EVAL_MAP, FLOAT_MAP} <= present else []
     latency = sorted(m for m in present if m.startswith("latency/") and m.endswith("_p50"))
-    rest = sorted(m for m in present if m.startswith("throughput/")) + [m for m in ("convert/build_s",) if m in present]
+    rest = sorted(m for m in present if m.startswith("throughput/")) + [
+        m for m in ("convert/build_s", "convert/rknn_mib") if m in present]
     confs = count_conf(runs)
     counts = [f"counts/c{confs[0]}/{k}" for k in ("correct", "false", "missed")] if confs else []
-    return fixed + latency + rest + [c for c in counts if c in present]
+    return fixed + drop + latency + rest + [c for c in counts if c in present]
+
+
+def value(run: RunRecord, column: str) -> Optional[float]:
+    if column == DROP:
+        a, b = run.metrics.get(EVAL_MAP), run.metrics.get(FLOAT_MAP)
+        return None if a is None or b is None else a - b
+    return run.metrics.get(column)
 
 
 def _header(sel: Selection, generated: datetime) -> list[str]:
@@ -128,13 +148,22 @@ def _where(sel: Selection) -> list[str]:
     return lines
 
 
-def _runs_table(sel: Selection) -> list[str]:
+def _runs_table(sel: Selection, limits: Limits) -> list[str]:
     metrics = run_columns(sel.runs)
+    timed = any(latency_stem(r) for r in sel.runs)
+
+    def valid(r: RunRecord) -> Optional[str]:
+        return ("VALID" if validity(r, None, limits)[0] else "INVALID") if latency_stem(r) else None
+
     header = ["run", "status"] + sel.axes + [_label(m) for m in metrics]
-    rows = [[r.name, r.status] + [r.param(a) for a in sel.axes] + [r.metrics.get(m) for m in metrics]
-            for r in sel.runs]
+    rows = [[r.name, r.status] + [r.param(a) for a in sel.axes] + [value(r, m) for m in metrics] for r in sel.runs]
     numeric = [False, False] + [False] * len(sel.axes) + [True] * len(metrics)
-    return ["", "## Runs", "", table(header, rows, numeric)]
+    if not timed:
+        return ["", "## Runs", "", table(header, rows, numeric)]
+    rows = [row + [valid(r)] for row, r in zip(rows, sel.runs)]
+    return ["", "## Runs", "", table(header + ["latency"], rows, numeric + [False]), "",
+            "latency: whether the run's own latency (at the place it was measured) is VALID; the reasons are in "
+            "Latency details."]
 
 
 def _failures(sel: Selection) -> list[str]:
@@ -173,8 +202,13 @@ def _collapsed(sel: Selection) -> list[str]:
             "Collapsed to their defaults (one measurement, not one per value):", ""] + [f"- {c}" for c in collapsed]
 
 
+def pivot_title(p: Pivot) -> str:
+    fixed = ", ".join(f"{k}={v}" for k, v in p.fixed.items())
+    return f"{p.metric} by {p.row}" + (f" x {p.col}" if p.col else "") + (f" ({fixed})" if fixed else "")
+
+
 def pivot_table(p: Pivot) -> str:
-    header = [f"{p.row} \\ {p.col}"] + p.cols
+    header = [f"{p.row} \\ {p.col}" if p.col else p.row] + (p.cols if p.col else [_label(p.metric)])
     rows = [[r] + [p.cells.get((r, c)) for c in p.cols] for r in p.rows]
     return table(header, rows, [False] + [True] * len(p.cols))
 
@@ -182,22 +216,94 @@ def pivot_table(p: Pivot) -> str:
 def _pivots(pivots: list[tuple[Pivot, Optional[str]]]) -> list[str]:
     lines: list[str] = []
     for p, png in pivots:
-        fixed = ", ".join(f"{k}={v}" for k, v in p.fixed.items())
-        lines += ["", f"## {p.metric} by {p.row} x {p.col}" + (f" ({fixed})" if fixed else ""), "", pivot_table(p)]
+        lines += ["", f"## {pivot_title(p)}", "", pivot_table(p)]
         if png:
             lines += ["", f"![{p.metric} vs {p.row}]({png})"]
     return lines
 
 
-def _latency(sel: Selection) -> list[str]:
+def _latency(sel: Selection, limits: Limits) -> list[str]:
     rows = []
     for r in sel.runs:
         stems = sorted({m.removeprefix("latency/").rsplit("_", 1)[0] for m in r.metrics if m.startswith("latency/")})
-        rows += [[r.name, s] + [r.metrics.get(f"latency/{s}_{k}") for k in LATENCY_STATS] for s in stems]
+        for s in stems:
+            t = timing(r, s)
+            rows.append([r.name, s] + [r.metrics.get(f"latency/{s}_{k}") for k in LATENCY_STATS]
+                        + [t.iterations, t.seconds, as_text(*validity(r, s, limits))])
     if not rows:
         return []
     return ["", "## Latency details", "",
-            table(["run", "measurement"] + list(LATENCY_STATS), rows, [False, False] + [True] * len(LATENCY_STATS))]
+            f"VALID (MLPerf style): at least {limits.min_iterations} timed iterations and {limits.min_seconds:g} s, "
+            f"cv at most {limits.max_cv:g}, and on a board the NPU/DDR/CPU clocks pinned (governor performance or "
+            "userspace). An INVALID number never wins a fastest line or a place on the Pareto front.", "",
+            table(["run", "measurement"] + list(LATENCY_STATS) + ["iterations", "seconds", "validity"], rows,
+                  [False, False] + [True] * (len(LATENCY_STATS) + 2) + [False])]
+
+
+def _front(fronts: list[tuple[Frontier, Optional[str]]]) -> list[str]:
+    lines: list[str] = []
+    for f, png in fronts:
+        what = metric_label(f"latency/{f.stem}_p50")
+        lines += ["", f"## Latency vs accuracy: {f.stem}", "",
+                  f"x: {what}, y: mAP50-95; the front holds the configurations no VALID other one beats on both."]
+        if png:
+            lines += ["", f"![Pareto front, {what} vs mAP50-95]({png})"]
+        lines += ["", table(["configuration", what, "mAP50-95"], [[p.label, p.latency, p.map] for p in f.front],
+                            [False, True, True]) if f.front else "No configuration has a VALID latency: no front.", ""]
+        for margin, floor, p in fastest(f):
+            lines.append(f"- fastest configuration with mAP50-95 >= {floor:.4g} (best - {margin:g}): "
+                         + (f"**{p.label}**, {p.latency:.4g} ms, mAP50-95 {p.map:.4g}" if p
+                            else "none with a VALID latency"))
+        left_out = [p.label for p in f.points if not p.valid]
+        if left_out:
+            lines.append(f"- left out, INVALID latency: {'; '.join(left_out)}")
+    return lines
+
+
+def _per_class(sel: Selection) -> list[str]:
+    runs = [r for r in latest_per_config(sel.runs, sel.axes) if any(m.startswith("eval_class/") for m in r.metrics)]
+    if not runs:
+        return []
+    names = sorted({m.removeprefix("eval_class/") for r in runs for m in r.metrics if m.startswith("eval_class/")})
+    return ["", "## Per-class AP50-95", "",
+            "COCOeval AP50-95 of each class on the target runtime (metrics `eval_class/<class>`); n/a: no ground "
+            "truth of that class.", "",
+            table(["class"] + [config_label(r, sel.axes) for r in runs],
+                  [[n] + [r.metrics.get(f"eval_class/{n}") for r in runs] for n in names],
+                  [False] + [True] * len(runs))]
+
+
+def _cpp(sel: Selection) -> list[str]:
+    """Only when a run has C++ runner times (`latency/<where>_cpp_<part>_ms_p50`)."""
+    rows = []
+    for r in sel.runs:
+        for found in filter(None, (CPP.fullmatch(m) for m in sorted(r.metrics))):
+            py = r.metrics.get(f"latency/{found['place']}_py_{found['part']}_ms_p50")
+            cpp = r.metrics[found.group(0)]
+            rows.append([r.name, found["place"], found["part"], py, cpp, py / cpp if py and cpp else None])
+    if not rows:
+        return []
+    return ["", "## Python vs C++ latency", "",
+            "The same configuration timed by the Python runner and the C++ runner, p50 in ms; Python / C++ above 1 "
+            "means C++ is faster.", "",
+            table(["run", "where", "part", "Python p50 (ms)", "C++ p50 (ms)", "Python / C++"], rows,
+                  [False, False, False, True, True, True])]
+
+
+def gate_table(rows: list[Row]) -> str:
+    return table(["configuration", "metric", "baseline", "current", "delta", "threshold", "noise", "verdict"],
+                 [[r.config, r.metric, r.baseline, r.current, r.delta, str(r.term), r.noise or None, r.verdict]
+                  for r in rows], [False, False, True, True, True, True, True, False])
+
+
+def _gate(rows: Optional[list[Row]], baseline: str) -> list[str]:
+    if rows is None:
+        return []
+    failed = sum(r.fails for r in rows)
+    return ["", "## Baseline gate", "",
+            f"Against `{baseline}`: " + (f"**FAILED**, {failed} regression{'s' * (failed != 1)}" if failed else "passed")
+            + ". A regression is worse than its threshold and than the measured noise (2 standard errors of the "
+              "difference, from the runs' cv and iteration counts).", "", gate_table(rows)]
 
 
 def _counts(sel: Selection) -> list[str]:
@@ -212,9 +318,12 @@ def _counts(sel: Selection) -> list[str]:
             table(["run", "conf"] + list(COUNT_FIELDS), rows, [False, True] + [True] * len(COUNT_FIELDS))]
 
 
-def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated: datetime) -> str:
-    """The whole report; `pivots` pairs each pivot with its plot file name (relative), or None."""
-    lines = (_header(sel, generated) + _where(sel) + _runs_table(sel) + _reused(sel) + _collapsed(sel)
-             + _failures(sel) + _pivots(pivots)
-             + _latency(sel) + _counts(sel))
+def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated: datetime,
+           limits: Limits = Limits(), fronts: Sequence[tuple[Frontier, Optional[str]]] = (),
+           gate: Optional[list[Row]] = None, baseline: str = "") -> str:
+    """The whole report; `pivots` and `fronts` pair each with its plot file name (relative), or None;
+    `gate` the baseline comparison rows, if one was asked for."""
+    lines = (_header(sel, generated) + _gate(gate, baseline) + _where(sel) + _runs_table(sel, limits) + _reused(sel)
+             + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + _per_class(sel) + _cpp(sel)
+             + _latency(sel, limits) + _counts(sel))
     return "\n".join(lines) + "\n"

@@ -3,12 +3,13 @@ one sweep (or every config run of the experiment), their swept axes, and pivots 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from rkbench.errors import ConfigError, DataError
-from rkbench.metrics import EVAL_MAP
+from rkbench.metrics import EVAL_MAP, where
 
 MISSING = "-"   # a param a run does not have
 
@@ -41,11 +42,12 @@ class Selection:
 class Pivot:
     metric: str
     row: str
-    col: str
+    col: Optional[str]                      # None: one column (only the row axis varies)
     fixed: dict[str, str]                   # the other axes, held at these values
     rows: list[str]
-    cols: list[str]
+    cols: list[str]                         # [""] when col is None
     cells: dict[tuple[str, str], float]     # (row value, col value) -> metric
+    reference: dict[tuple[str, str], float] = field(default_factory=dict)   # the same cells' float reference
 
 
 def _record(run) -> RunRecord:
@@ -94,11 +96,13 @@ def load_selection(tracking_uri: str, experiment: str, parent_run_id: str | None
         try:
             run = client.get_run(parent_run_id)
         except MlflowException:
-            raise DataError(f"run {parent_run_id} not found in {tracking_uri}: pass a sweep run id "
-                            "(tag rkbench.kind=sweep) or leave out --parent") from None
+            raise DataError(f"run {parent_run_id} not found in {tracking_uri}: pass a sweep or config run id "
+                            "from that store") from None
         parent = _record(run)
         experiment_id = run.info.experiment_id
         experiment = client.get_experiment(experiment_id).name
+        if parent.tags.get("rkbench.kind") in ("config", "link"):     # one configuration run, not a sweep
+            return Selection(tracking_uri, experiment, None, [parent], [])
     else:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -146,48 +150,112 @@ def sort_key(value: str) -> tuple:
         return (1, 0.0, value)
 
 
-def default_pivots(sel: Selection) -> list[tuple[str, str, str]]:
-    """eval/map50_95 and each latency p50 over resolution x quantization algorithm (the tables users keep),
-    or over the first two swept axes; nothing when neither axis varies."""
-    params = {k for r in sel.runs for k in r.params}
-    algo = next((k for k in ("quant.algo", "algo") if k in params), None)
-    if "resolution" in params and algo:
-        row, col = "resolution", algo
-    elif len(sel.axes) >= 2:
-        row, col = sel.axes[0], sel.axes[1]
-    else:
-        return []
-    if row not in sel.axes and col not in sel.axes:
-        return []
+def varying(sel: Selection, metric: str) -> list[str]:
+    """The axes (swept ones first) that take more than one value among the runs that have `metric`."""
+    runs = [r for r in sel.runs if metric in r.metrics]
+    return [a for a in sel.axes if len({r.param(a) for r in runs}) > 1]
+
+
+def host_float(metric: str) -> bool:
+    """Measured on the float ONNX on the host: ONNX Runtime's mAP and time, the exported ONNX's size."""
+    return metric.startswith(("eval_float/", "export/")) or where(metric) == "host"
+
+
+@functools.cache
+def onnx_independent_axes() -> frozenset[str]:
+    """Axes that do not change the float ONNX or how the host runs it: the ones spec.APPLIES says have no
+    effect on target=onnxruntime (they only change the .rknn or the board)."""
+    from rkbench.config import RunConfig
+    from rkbench.spec import APPLIES
+
+    host = RunConfig(target="onnxruntime")
+    return frozenset(k for keys, applies, _ in APPLIES if not applies(host) for k in keys)
+
+
+def can_depend(metric: str, axis: str) -> bool:
+    return not (host_float(metric) and axis in onnx_independent_axes())
+
+
+def default_pivots(sel: Selection) -> list[tuple[str, str, Optional[str]]]:
+    """eval/map50_95, eval_float/map50_95 and each latency p50 over the axes the sweep varied: the row is
+    the first numeric varying axis (resolution, calib.size: it becomes the plot's x axis), else the first
+    varying one; the column is the next varying axis, or none (one column) when only one varies.
+
+    Rule for metrics that cannot depend on an axis, judged from what the metric measures, not from its
+    values: a host float number (eval_float/*, latency/host_*, export/*) never has as row, column or split
+    an axis that only changes the .rknn or the board (algo, calib.*, platform, core_mask, ...; from
+    spec.APPLIES), so it is pivoted over the remaining axes, and skipped when none is left. Equal values
+    are no reason to skip: that kl_divergence changes nothing is a finding, and the same host time
+    measured twice differs by noise alone."""
     metrics = {m for r in sel.runs for m in r.metrics}
-    wanted = [EVAL_MAP] + sorted(m for m in metrics if m.startswith("latency/") and m.endswith("_p50"))
-    return [(m, row, col) for m in wanted if m in metrics]
+    wanted = [EVAL_MAP, "eval_float/map50_95"] + sorted(m for m in metrics if m.startswith("latency/")
+                                                         and m.endswith("_p50"))
+    out: list[tuple[str, str, Optional[str]]] = []
+    for metric in (m for m in wanted if m in metrics):
+        axes = [a for a in varying(sel, metric) if can_depend(metric, a)]
+        if not axes:
+            continue
+        runs = [r for r in sel.runs if metric in r.metrics]
+        row = next((a for a in axes if numeric([r.param(a) for r in runs])), axes[0])
+        col = next((a for a in axes if a != row), None)
+        out.append((metric, row, col))
+    return out
 
 
-def pivots(sel: Selection, spec: tuple[str, str, str]) -> list[Pivot]:
+def numeric(values: list[str]) -> bool:
+    return all(sort_key(v)[0] == 0 for v in values)
+
+
+def reference(metric: str) -> Optional[str]:
+    """The float reference of a target-runtime metric: eval/map50_95 -> eval_float/map50_95."""
+    return "eval_float/" + metric.removeprefix("eval/") if metric.startswith("eval/") else None
+
+
+def pivots(sel: Selection, spec: tuple[str, str, Optional[str]]) -> list[Pivot]:
     """One table of `metric` over row x col per combination of the other axes (so a cell never mixes
-    configurations); where runs repeat a configuration the latest one counts."""
+    configurations); where runs repeat a configuration the latest one counts. col None: one column."""
     metric, row, col = spec
     metrics = {m for r in sel.runs for m in r.metrics}
     params = {k for r in sel.runs for k in r.params}
+    name = f"{metric}:{row}:{col}" if col else f"{metric}:{row}"
     if metric not in metrics:
-        raise ConfigError(f"pivot {metric}:{row}:{col}: no run has metric {metric}: pick one of "
-                          + ", ".join(sorted(metrics)[:12]))
+        raise ConfigError(f"pivot {name}: no run has metric {metric}: pick one of " + ", ".join(sorted(metrics)[:12]))
     for p in (row, col):
-        if p not in params:
-            raise ConfigError(f"pivot {metric}:{row}:{col}: no run has param {p}: pick one of "
-                              + ", ".join(sel.axes or sorted(params)[:12]))
-    others = [a for a in sel.axes if a not in (row, col)]
+        if p and p not in params:
+            raise ConfigError(f"pivot {name}: no run has param {p}: pick one of " + ", ".join(sel.axes or sorted(params)[:12]))
+    # axes the metric cannot depend on do not split it either: those runs measured the same thing
+    others = [a for a in sel.axes if a not in (row, col) and can_depend(metric, a)]
     groups: dict[tuple[str, ...], list[RunRecord]] = {}
     for r in sel.runs:
         if metric in r.metrics:
             groups.setdefault(tuple(r.param(a) for a in others), []).append(r)
+    ref = reference(metric)
     out = []
     for fixed in sorted(groups, key=lambda vals: [sort_key(v) for v in vals]):
         runs = groups[fixed]
-        cells = {(r.param(row), r.param(col)): r.metrics[metric] for r in runs}     # oldest first: latest wins
+        at = {(r.param(row), r.param(col) if col else ""): r for r in runs}     # oldest first: latest wins
         out.append(Pivot(metric, row, col, dict(zip(others, fixed)),
-                         sorted({k[0] for k in cells}, key=sort_key), sorted({k[1] for k in cells}, key=sort_key),
-                         cells))
+                         sorted({k[0] for k in at}, key=sort_key), sorted({k[1] for k in at}, key=sort_key),
+                         {k: r.metrics[metric] for k, r in at.items()},
+                         {k: r.metrics[ref] for k, r in at.items() if ref in r.metrics}))
     return out
+
+
+# ----------------------------------------------------------------------------------- configurations
+
+def latest_per_config(runs: list[RunRecord], axes: list[str]) -> list[RunRecord]:
+    """One run per configuration (its values of `axes`), the latest; runs are oldest first."""
+    return list({tuple(r.param(a) for a in axes): r for r in runs}.values())
+
+
+def config_label(run: RunRecord, axes: list[str]) -> str:
+    return ", ".join(f"{a}={run.param(a)}" for a in axes) or run.name
+
+
+def latency_stem(run: RunRecord) -> Optional[str]:
+    """The run's end-to-end latency at the place it was measured (tag rkbench.device_kind), as
+    `<where>_<part>_ms`: the runner's py_total on a board, else the timed infer call; None without one."""
+    place = run.tags.get("rkbench.device_kind")
+    return next((s for s in (f"{place}_py_total_ms", f"{place}_infer_ms") if f"latency/{s}_p50" in run.metrics),
+                None) if place else None
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rkbench.eval.coco import KEYS, coco_metrics
+from rkbench.eval.coco import KEYS, coco_metrics, per_class_ap
 from rkbench.eval.counts import count_table
 
 
@@ -68,6 +68,22 @@ def test_gt_without_area_iscrowd_or_ids_is_accepted():
     m = coco_metrics(gt, [{"image_id": 5, "category_id": 3, "bbox": [4, 4, 40, 40], "score": 0.5}])
     assert m["map50_95"] == pytest.approx(1.0)
 
+
+
+def test_per_class_ap_scores_each_category_by_name():
+    gt = _gt([(1, 1, [10, 10, 40, 40]), (2, 2, [100, 100, 50, 50]), (3, 2, [50, 50, 80, 80])])
+    gt["categories"].append({"id": 3, "name": "traffic:light"})      # no ground truth; ':' not allowed in MLflow
+    dets = _perfect(gt)
+    dets[1]["bbox"][0] += 0.2 * dets[1]["bbox"][2]                     # one car shifted: IoU ~ 0.67
+    ap = per_class_ap(gt, dets)
+    assert list(ap) == ["person", "car", "traffic_light"]
+    assert ap["person"] == pytest.approx(1.0)
+    # car: AP 1 at the 4 IoU thresholds the shifted box passes; at the other 6 it is a false positive ranked
+    # first (equal scores keep their order), so precision is 0.5 up to recall 0.5 (51 of 101 points), then 0
+    assert ap["car"] == pytest.approx((4 * 1.0 + 6 * 0.5 * 51 / 101) / 10)
+    assert math.isnan(ap["traffic_light"])
+    assert per_class_ap(gt, [])["person"] == 0.0
+    assert coco_metrics(gt, dets)["map50_95"] == pytest.approx((ap["person"] + ap["car"]) / 2)
 
 def _det(image_id: int, cat: int, box: list[float], score: float) -> dict:
     return {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
