@@ -16,7 +16,7 @@ WHERE = {
     "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
     "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
 }
-STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv")
+STATS = ("p50", "p90", "p99", "mean", "std", "min", "cv", "count")   # count: how many timed calls
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Group:
 GROUPS = {g.name: g for g in (
     Group("eval", "COCO metrics of the target runtime (map50_95, map50, map75, map_small/medium/large, ar1/10/100)",
           "the run's device kind (tag rkbench.device_kind)"),
+    Group("eval_class", "AP50-95 of each class on the target runtime: eval_class/<class name>",
+          "the run's device kind"),
     Group("eval_float", "COCO metrics of the float ONNX (the reference beside an int8 run)", "host"),
     Group("counts", "correct / false / missed detections at each confidence threshold: counts/c<conf>/<field>",
           "the run's device kind"),

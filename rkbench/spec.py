@@ -30,7 +30,7 @@ from rkbench.models.detect import InferenceSpec
 
 # Bump when a change in rkbench alters what a run measures (decode, evaluation, export graphs, ...):
 # every earlier run then stops matching and is measured again.
-MEASUREMENT_VERSION = 2
+MEASUREMENT_VERSION = 3
 
 # Keys that say where results go or how long to wait, not what is measured.
 NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s")
