@@ -194,7 +194,8 @@ template <size_t N> void check_keys(const Json &obj, const char *(&known)[N], co
 }
 
 Spec load_spec(const std::string &path) {
-    Parser p(read_file(path, "spec file"));
+    std::string text_ = read_file(path, "spec file");  // the parser reads it in place
+    Parser p(text_);
     Json root = p.value();
     const Json *inf = root.get("inference");
     if (root.kind != Json::Obj || !inf || inf->kind != Json::Obj) throw Error("spec file has no \"inference\" object: write it with rkbench");
