@@ -153,10 +153,8 @@ def _assert_same_detections(mine: list, theirs: list) -> None:
     boxes_b = np.array([d["bbox"] for d in theirs])
     assert [(d["image_id"], d["category_id"]) for d in mine] == [(d["image_id"], d["category_id"]) for d in theirs]
     assert np.abs(np.array([d["score"] for d in mine]) - np.array([d["score"] for d in theirs])).max() <= 1.01e-5
-    # both sides round to 2 decimals: a value on a rounding boundary may differ by one last digit
-    diff = np.abs(boxes_a - boxes_b)
-    assert diff.max() <= 0.0101
-    assert (diff > 1e-3).mean() <= 0.01, f"{int((diff > 1e-3).sum())} of {diff.size} box values differ"
+    # measured: identical to the last rounded digit on x86_64 and aarch64 (float32 decode in both)
+    assert np.abs(boxes_a - boxes_b).max() <= 1e-3
 
 
 @pytest.mark.parametrize("conf,iou,max_det", [(0.001, 0.7, 300), (0.3, 0.45, 300), (0.001, 0.5, 5)])
