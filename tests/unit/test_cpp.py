@@ -266,3 +266,10 @@ def test_aarch64_build_runs_under_qemu(x86, case, build_cache: Path, tmp_path: P
     assert done.returncode == 0, done.stderr
     _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
                             _python_detections(case, spec))
+
+
+def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cpp.main(["build", "--arch", "x86_64", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[0]  # same sources and target: the cached copy
+    assert cpp.main(["build", "--arch", "x86_64", "--stand-in", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[1]
