@@ -1,0 +1,181 @@
+"""The C++ on-device runner (cpp/rkbench_runner.cpp) and its replay stand-in librknnrt (cpp/fake_librknnrt.c):
+building them with the pip-installed zig toolchain, and the host side of the replay.
+
+    python -m rkbench.cpp build --arch aarch64 [--cache DIR]      # prints the runner binary's path
+    python -m rkbench.cpp build --arch x86_64 --stand-in          # prints the stand-in library's path
+
+Builds are cached under <cache>/cpp/<key>/ where key hashes the sources, the target and the toolchain
+version. zig links libc++ statically, so the runner needs only the board's glibc (2.17 or newer) and
+libdl; librknnrt is opened at run time.
+
+Replay (for machines without an NPU): prepare_inputs() letterboxes images into raw uint8 NHWC tensors
+and writes the runner's inputs file; write_replay() runs the ONNX model with ONNX Runtime on exactly
+those tensors and stores the outputs keyed by the FNV-1a 64 hash of the input bytes, which the stand-in
+recomputes on rknn_inputs_set."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Sequence, Tuple
+
+SOURCES = Path(__file__).resolve().parent.parent / "cpp"
+RUNNER_SOURCES = ("rkbench_runner.cpp", "rknn_api_subset.h")
+STANDIN_SOURCES = ("fake_librknnrt.c", "rknn_api_subset.h")
+# glibc 2.17 symbols only: the runner then starts on old board images (Debian 10, Ubuntu 18.04) too
+TARGETS = {"aarch64": "aarch64-linux-gnu.2.17", "x86_64": "x86_64-linux-gnu.2.17"}
+DEFAULT_CACHE = Path(".rkbench_cache")  # the default cache_dir of rkbench.config
+REPLAY_MODEL = "model.replay"
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+
+
+class BuildError(RuntimeError):
+    """The toolchain is missing or the compile failed; the message names the fix."""
+
+
+def _zig() -> List[str]:
+    try:
+        import ziglang  # noqa: F401  - only to check it is installed
+    except ImportError:
+        raise BuildError("the zig toolchain is not installed: pip install ziglang") from None
+    return [sys.executable, "-m", "ziglang"]
+
+
+def zig_version() -> str:
+    out = subprocess.run(_zig() + ["version"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _key(names: Sequence[str], target: str, flags: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + (SOURCES / name).read_bytes() + b"\0")
+    h.update(" ".join([target, zig_version(), *flags]).encode())
+    return h.hexdigest()[:16]
+
+
+def _cached_build(arch: str, cache_dir: Path, names: Sequence[str], output: str, command: List[str]) -> Path:
+    """Compile once per (sources, target, toolchain): built in a temp folder, renamed into place."""
+    if arch not in TARGETS:
+        raise BuildError(f"arch {arch!r} unknown: use one of {', '.join(TARGETS)}")
+    target = TARGETS[arch]
+    flags = command + ["-target", target]
+    entry = Path(cache_dir) / "cpp" / _key(names, target, flags)
+    if (entry / output).is_file():
+        return entry / output
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=entry.parent))
+    try:
+        cmd = _zig() + flags + ["-o", str(tmp / output), *[str(SOURCES / n) for n in names if not n.endswith(".h")]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BuildError(f"building {output} for {arch} failed: {done.stderr.strip()[-2000:]}")
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process built the same key first: use its copy
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry / output
+
+
+def build(arch: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The runner binary for `arch` (aarch64 for boards, x86_64 for this machine)."""
+    return _cached_build(arch, cache_dir, RUNNER_SOURCES, "rkbench_runner",
+                         ["c++", "-std=c++17", "-O2", "-s", "-Wall", "-Wextra", "-ldl"])
+
+
+def build_standin(arch: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The replay stand-in librknnrt.so for `arch` (never pushed to a real board)."""
+    return _cached_build(arch, cache_dir, STANDIN_SOURCES, "librknnrt.so",
+                         ["cc", "-std=c11", "-O2", "-s", "-Wall", "-Wextra", "-shared", "-fPIC", "-lm"])
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a 64 of the bytes, as the stand-in computes it (numpy-free, fast enough for a few images)."""
+    h = FNV_OFFSET
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def prepare_inputs(folder: Path, items: Iterable[Tuple[int, str]], input_size: int) -> Tuple[Path, list]:
+    """Letterbox each (image_id, path) like the Detector and write it as a raw uint8 NHWC tensor; returns
+    the inputs file (image_id, tensor path, original size, letterbox) and the tensors in order."""
+    from rkbench.models import prepost
+
+    folder = Path(folder)
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    lines, tensors = [], []
+    for image_id, path in items:
+        img = prepost.load_rgb(path)
+        boxed, info = prepost.letterbox(img, input_size)
+        name = f"inputs/{image_id}.bin"
+        (folder / name).write_bytes(boxed.tobytes())
+        # repr() keeps every bit of the float: the runner maps back with exactly the Detector's letterbox
+        lines.append("\t".join([str(image_id), name, str(img.shape[1]), str(img.shape[0]),
+                                repr(float(info.scale)), repr(info.pad_x), repr(info.pad_y)]))
+        tensors.append(boxed)
+    inputs = folder / "inputs.txt"
+    inputs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return inputs, tensors
+
+
+def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0), std=(255, 255, 255)) -> Path:
+    """Run the ONNX model with ONNX Runtime on each uint8 HxWx3 tensor and record its outputs for the
+    stand-in; returns the replay description to pass as the runner's --model."""
+    import numpy as np
+
+    from rkbench.runtimes.backends import OnnxRuntimeRuntime
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    runtime = OnnxRuntimeRuntime(str(onnx_path), mean, std)
+    shapes = None
+    try:
+        for x in tensors:
+            x = np.ascontiguousarray(x, dtype=np.uint8)
+            outputs = [np.asarray(o, dtype=np.float32) for o in runtime.infer(x[None])]
+            shapes = [o.shape for o in outputs]
+            blob = b"".join(np.ascontiguousarray(o).tobytes() for o in outputs)
+            (folder / f"{fnv1a64(x.tobytes()):016x}.out").write_bytes(blob)
+    finally:
+        runtime.close()
+    if shapes is None:
+        raise ValueError("write_replay needs at least one input tensor")
+    h, w = tensors[0].shape[:2]
+    lines = ["rkbench-replay 1", f"input images 4 1 {h} {w} 3 uint8 nhwc"]
+    for k, shape in enumerate(shapes):
+        lines.append(f"output output{k} {len(shape)} {' '.join(map(str, shape))} float32 nchw 0 0")
+    model = folder / REPLAY_MODEL
+    model.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rkbench.cpp", description="Build rkbench's C++ runner.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build (or find in the cache) and print the binary's path")
+    b.add_argument("--arch", default="aarch64", choices=sorted(TARGETS))
+    b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+    b.add_argument("--stand-in", action="store_true", help="the replay stand-in librknnrt.so instead of the runner")
+    args = p.parse_args(argv)
+    try:
+        path = (build_standin if args.stand_in else build)(args.arch, args.cache)
+    except BuildError as exc:
+        print(f"rkbench.cpp: error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""The C++ runner (cpp/): the librknnrt API subset's struct layouts against Rockchip's published header,
+and the runner built with zig and run against the replay stand-in librknnrt: its detections equal the
+Python Detector's on the same images (decode + NMS parity), latency results, the one-line errors. The
+aarch64 build runs under qemu-user where it is installed (skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("ziglang", reason="the zig toolchain is not installed: pip install ziglang")
+
+from rkbench import cpp  # noqa: E402
+from rkbench.data import demo  # noqa: E402
+from rkbench.models.detect import Detector, InferenceSpec  # noqa: E402
+from rkbench.runtimes.backends import OnnxRuntimeRuntime  # noqa: E402
+from tests.unit.test_backends import make_rknn_head_model  # noqa: E402
+
+# Sizes and offsets on LP64 (aarch64 and x86_64 alike), derived from Rockchip's rknn_api.h (rknpu2 runtime,
+# as published in airockchip/rknn-toolkit2 rknpu2/runtime/Linux/librknn_api/include/rknn_api.h and
+# airockchip/rknn_model_zoo 3rdparty/rknpu2/include/rknn_api.h): field order and types from its structs,
+# RKNN_MAX_DIMS 16, RKNN_MAX_NAME_LEN 256, enums 4 bytes, C alignment rules.
+EXPECTED = {
+    "rknn_context": (8, {}),
+    "rknn_input_output_num": (8, {"n_input": 0, "n_output": 4}),
+    "rknn_tensor_attr": (376, {"index": 0, "n_dims": 4, "dims": 8, "name": 72, "n_elems": 328, "size": 332, "fmt": 336,
+                               "type": 340, "qnt_type": 344, "fl": 348, "zp": 352, "scale": 356, "w_stride": 360,
+                               "size_with_stride": 364, "pass_through": 368, "h_stride": 372}),
+    "rknn_sdk_version": (512, {"api_version": 0, "drv_version": 256}),
+    "rknn_input": (32, {"index": 0, "buf": 8, "size": 16, "pass_through": 20, "type": 24, "fmt": 28}),
+    "rknn_output": (24, {"want_float": 0, "is_prealloc": 1, "index": 4, "buf": 8, "size": 16}),
+    "rknn_tensor_mem": (40, {"virt_addr": 0, "phys_addr": 8, "fd": 16, "offset": 20, "size": 24, "flags": 28,
+                             "priv_data": 32}),
+}
+# Enum values from the same header.
+EXPECTED_ENUMS = {"RKNN_QUERY_IN_OUT_NUM": 0, "RKNN_QUERY_INPUT_ATTR": 1, "RKNN_QUERY_OUTPUT_ATTR": 2,
+                  "RKNN_QUERY_SDK_VERSION": 5, "RKNN_TENSOR_FLOAT32": 0, "RKNN_TENSOR_INT8": 2, "RKNN_TENSOR_UINT8": 3,
+                  "RKNN_TENSOR_NCHW": 0, "RKNN_TENSOR_NHWC": 1, "RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC": 2,
+                  "RKNN_NPU_CORE_AUTO": 0, "RKNN_NPU_CORE_0": 1, "RKNN_NPU_CORE_1": 2, "RKNN_NPU_CORE_2": 4,
+                  "RKNN_NPU_CORE_0_1": 3, "RKNN_NPU_CORE_0_1_2": 7, "RKNN_NPU_CORE_ALL": 0xFFFF}
+
+SIZE, CLASSES = 64, 3
+ZIG = [sys.executable, "-m", "ziglang"]
+
+
+def _layout_program(static: bool) -> str:
+    """C printing every size / offset / enum value (static=False), or asserting them at compile time."""
+    lines = ['#include <stddef.h>', '#include <stdio.h>', '#include "rknn_api_subset.h"', "int main(void) {"]
+    checks = []
+    for struct, (size, fields) in EXPECTED.items():
+        checks.append((f"sizeof({struct})", f"{struct}", size))
+        checks += [(f"offsetof({struct}, {f})", f"{struct}.{f}", off) for f, off in fields.items()]
+    checks += [(f"(long){name}", name, value) for name, value in EXPECTED_ENUMS.items()]
+    for expr, label, value in checks:
+        lines.append(f'_Static_assert({expr} == {value}, "{label}");' if static
+                     else f'printf("{label} %ld\\n", (long){expr});')
+    return "\n".join(lines + ["return 0; }"]) + "\n"
+
+
+def test_struct_layouts_match_the_published_header(tmp_path: Path) -> None:
+    src = tmp_path / "layout.c"
+    src.write_text(_layout_program(static=False))
+    exe = tmp_path / "layout"
+    subprocess.run(ZIG + ["cc", "-target", "x86_64-linux-gnu", "-I", str(cpp.SOURCES), "-o", str(exe), str(src)],
+                   check=True, capture_output=True)
+    got = dict(line.rsplit(" ", 1) for line in subprocess.run([str(exe)], check=True, capture_output=True,
+                                                                text=True).stdout.splitlines())
+    want = {s: size for s, (size, _) in EXPECTED.items()}
+    want.update({f"{s}.{f}": off for s, (_, fields) in EXPECTED.items() for f, off in fields.items()})
+    want.update(EXPECTED_ENUMS)
+    assert {k: int(v) for k, v in got.items()} == want
+    # aarch64 (the boards): the same numbers, checked by the compiler, nothing to run
+    static = tmp_path / "layout_static.c"
+    static.write_text(_layout_program(static=True))
+    done = subprocess.run(ZIG + ["cc", "-target", "aarch64-linux-gnu", "-I", str(cpp.SOURCES), "-c",
+                                 "-o", str(tmp_path / "layout_static.o"), str(static)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_fnv1a64_known_values() -> None:
+    # the published FNV-1a 64 test vectors; the stand-in computes the same in C
+    assert cpp.fnv1a64(b"") == 0xCBF29CE484222325
+    assert cpp.fnv1a64(b"a") == 0xAF63DC4C8601EC8C
+    assert cpp.fnv1a64(b"foobar") == 0x85944171F73967E8
+
+
+# ----------------------------------------------------------------------------------------- the runner
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cpp_cache")
+
+
+@pytest.fixture(scope="session")
+def x86(build_cache: Path) -> tuple:
+    return cpp.build("x86_64", build_cache), cpp.build_standin("x86_64", build_cache)
+
+
+@pytest.fixture(scope="session")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny rknn-head ONNX model, demo images of different sizes, their tensors and a replay folder."""
+    root = tmp_path_factory.mktemp("cpp_case")
+    model = make_rknn_head_model(root / "head.onnx", size=SIZE, num_classes=CLASSES)
+    items = []
+    for i in range(4):
+        img, _ = demo.render(7, "val", i)
+        img = img[: img.shape[0] - 37 * i, : img.shape[1] - 23 * i]  # odd sizes: letterbox padding both ways
+        path = root / f"img{i}.png"
+        cv2.imwrite(str(path), img)
+        items.append((100 + i, str(path)))
+    inputs, tensors = cpp.prepare_inputs(root / "replay", items, SIZE)
+    replay = cpp.write_replay(root / "replay", model, tensors)
+    return {"root": root, "model": model, "items": items, "inputs": inputs, "replay": replay}
+
+
+def _spec(conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> InferenceSpec:
+    return InferenceSpec(input_size=SIZE, head="rknn", num_classes=CLASSES, category_ids=(1, 3, 7), conf=conf,
+                         iou=iou, max_det=max_det, runtime="rknnlite")
+
+
+def _write_spec(path: Path, spec: InferenceSpec, **measure) -> Path:
+    path.write_text(json.dumps({"inference": spec.to_dict(), "measure": dict({"warmup": 1, "iterations": 3,
+                                                                              "min_seconds": 0.0}, **measure)}))
+    return path
+
+
+def _run(runner: Path, lib: Path, spec: Path, mode: str, model: Path, out: Path, *extra: str, prefix=()) -> tuple:
+    cmd = [*prefix, str(runner), "--spec", str(spec), "--mode", mode, "--model", str(model), "--out", str(out),
+           "--lib", str(lib), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = json.loads(out.read_text()) if out.exists() else None
+    return done, result
+
+
+def _python_detections(case: dict, spec: InferenceSpec) -> list:
+    runtime = OnnxRuntimeRuntime(str(case["model"]))
+    try:
+        return Detector(spec, runtime).evaluate(case["items"])[0]
+    finally:
+        runtime.close()
+
+
+def _assert_same_detections(mine: list, theirs: list) -> None:
+    assert len(mine) == len(theirs) > 0
+    boxes_a = np.array([d["bbox"] for d in mine])
+    boxes_b = np.array([d["bbox"] for d in theirs])
+    assert [(d["image_id"], d["category_id"]) for d in mine] == [(d["image_id"], d["category_id"]) for d in theirs]
+    assert np.abs(np.array([d["score"] for d in mine]) - np.array([d["score"] for d in theirs])).max() <= 1.01e-5
+    # measured: identical to the last rounded digit on x86_64 and aarch64 (float32 decode in both)
+    assert np.abs(boxes_a - boxes_b).max() <= 1e-3
+
+
+@pytest.mark.parametrize("conf,iou,max_det", [(0.001, 0.7, 300), (0.3, 0.45, 300), (0.001, 0.5, 5)])
+def test_eval_detections_equal_the_python_detector(x86, case, tmp_path: Path, conf, iou, max_det) -> None:
+    runner, lib = x86
+    spec = _spec(conf, iou, max_det)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", case["replay"],
+                        tmp_path / "eval.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    assert result["complete"] is True and result["replayed"] is True
+    assert "stand-in" in result["versions"]["librknnrt"]
+    mine = json.loads(Path(result["eval"]["detections_file"]).read_text())
+    assert result["eval"]["images"] == 4 and result["eval"]["detections"] == len(mine)
+    _assert_same_detections(mine, _python_detections(case, spec))
+
+
+def test_eval_int8_outputs_dequantised(x86, case, tmp_path: Path) -> None:
+    """want_float=0: the runner dequantises (q - zp) * scale itself; with a replay whose outputs are int8 the
+    detections are those of the dequantised outputs (checked here for running and the class ids only)."""
+    runner, lib = x86
+    replay = tmp_path / "replay_int8"
+    shutil.copytree(case["replay"].parent, replay)
+    lines = (replay / cpp.REPLAY_MODEL).read_text().splitlines()
+    # sigmoid and DFL logits span about [-10, 10]: one scale for every output keeps the test simple
+    lines = [ln.replace("float32 nchw 0 0", "int8 nchw 0 0.08") if ln.startswith("output") else ln for ln in lines]
+    (replay / cpp.REPLAY_MODEL).write_text("\n".join(lines) + "\n")
+    inputs = replay / "inputs.txt"
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(0.3)), "eval", replay / cpp.REPLAY_MODEL,
+                        tmp_path / "eval.json", "--inputs", str(inputs), "--outputs", "int8")
+    assert done.returncode == 0, done.stderr
+    assert result["runtime"]["outputs"] == "int8"
+    dets = json.loads(Path(result["eval"]["detections_file"]).read_text())
+    assert dets and {d["category_id"] for d in dets} <= {1, 3, 7}
+
+
+def test_latency_result(x86, case, tmp_path: Path) -> None:
+    runner, lib = x86
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(), iterations=7), "latency",
+                        case["replay"], tmp_path / "lat.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    lat = result["latency"]
+    assert result["complete"] is True and lat["iterations"] >= 7 and lat["warmup"] == 1
+    for part in ("inputs_set", "run", "outputs_get", "total"):
+        assert lat[part]["count"] == lat["iterations"] and 0 <= lat[part]["min"] <= lat[part]["p50"] <= lat[part]["p99"]
+    assert len(lat["samples_ms"]["run"]) == lat["iterations"]
+    assert result["runtime"]["driver"] == "none (replay)"
+
+
+def test_missing_library_is_one_clear_line(x86, case, tmp_path: Path) -> None:
+    runner, _ = x86
+    spec = _write_spec(tmp_path / "spec.json", _spec())
+    done, result = _run(runner, tmp_path / "nowhere" / "librknnrt.so", spec, "latency", case["replay"],
+                        tmp_path / "r.json", "--inputs", str(case["inputs"]))
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("runner: error: cannot load ") and "pass --lib PATH" in last
+    assert result["complete"] is False and "cannot load" in result["error"]
+    # a library without the API (the C maths library): the missing symbol named
+    libm = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6")
+                 if Path(p).exists()), None)
+    if libm:
+        done, _ = _run(runner, Path(libm), spec, "latency", case["replay"], tmp_path / "r2.json",
+                       "--inputs", str(case["inputs"]))
+        assert done.returncode != 0 and "has no symbol rknn_init" in done.stderr.strip().splitlines()[-1]
+
+
+def test_unrecorded_input_fails_in_rknn_run(x86, case, tmp_path: Path) -> None:
+    runner, lib = x86
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(SIZE * SIZE * 3))  # never recorded: the stand-in has no outputs for it
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec()), "latency", case["replay"],
+                        tmp_path / "r.json", "--input", str(other))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("runner: error: rknn_run failed with code -8")
+    assert "no recorded outputs" in done.stderr and result["complete"] is False
+
+
+def test_spec_the_runner_cannot_honour(x86, case, tmp_path: Path) -> None:
+    runner, lib = x86
+    data = {"inference": dict(_spec().to_dict(), colour="red"), "measure": {}}
+    (tmp_path / "spec.json").write_text(json.dumps(data))
+    done, _ = _run(runner, lib, tmp_path / "spec.json", "eval", case["replay"], tmp_path / "r.json",
+                   "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "unknown inference spec key colour" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------- aarch64
+
+def _qemu() -> tuple:
+    exe = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+    sysroot = Path("/usr/aarch64-linux-gnu")
+    if not exe:
+        return None, "qemu-user is not installed: apt-get install -y qemu-user-static libc6-arm64-cross"
+    if not (sysroot / "lib" / "ld-linux-aarch64.so.1").exists():
+        return None, "no aarch64 glibc for qemu: apt-get install -y libc6-arm64-cross"
+    return [exe, "-L", str(sysroot)], ""
+
+
+def test_aarch64_build_runs_under_qemu(x86, case, build_cache: Path, tmp_path: Path) -> None:
+    prefix, why = _qemu()
+    if prefix is None:
+        pytest.skip(why)
+    runner, lib = cpp.build("aarch64", build_cache), cpp.build_standin("aarch64", build_cache)
+    head = runner.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    spec = _spec()
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", case["replay"],
+                        tmp_path / "eval.json", "--inputs", str(case["inputs"]), prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
+                            _python_detections(case, spec))
+
+
+def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cpp.main(["build", "--arch", "x86_64", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[0]  # same sources and target: the cached copy
+    assert cpp.main(["build", "--arch", "x86_64", "--stand-in", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[1]
