@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rkbench import lifecycle, pipeline, spec
 from rkbench import preflight as checks
 from rkbench import metrics as M
-from rkbench.config import BOARD_RUNTIMES, TARGETS, BoardConfig, RunConfig, axes, flatten, register, to_run_config
+from rkbench.config import BOARD_RUNTIMES, TARGETS, BoardConfig, RunConfig, axes, register, to_run_config
 from rkbench.errors import RkbenchError
 from rkbench.tracking import ui_command
 
@@ -249,12 +249,21 @@ def applies_to(key: str) -> str:
     return ", ".join(words) + (" with quantize=true" if int8 else "")
 
 
+def _as_typed(value: object) -> str:
+    """A value the way it is typed on the command line: true, 320, [latency,eval]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if OmegaConf.is_list(value):
+        return f"[{','.join(map(str, value))}]"
+    return str(value)
+
+
 def usage() -> str:
     """`python -m rkbench --help`: generated from the schema and validation constants (rkbench/config.py)
     and rkbench.spec.APPLIES, so the axes and their values cannot drift from what is accepted."""
-    defaults = flatten(RunConfig())
-    rows = [("KEY", "VALUES (default)", "APPLIES TO")]
-    rows += [(k, f"{v} ({defaults[k]})", applies_to(k)) for k, v in axes().items()]
+    defaults = OmegaConf.structured(RunConfig())
+    rows = [("KEY", "VALUES; DEFAULT", "APPLIES TO")]
+    rows += [(k, f"{v}; default {_as_typed(OmegaConf.select(defaults, k))}", applies_to(k)) for k, v in axes().items()]
     lines = []
     for key, values, where in rows:
         wrapped = textwrap.wrap(values, 52) or [""]
