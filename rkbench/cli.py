@@ -243,7 +243,8 @@ def applies_to(key: str) -> str:
     words = []
     for target in dict.fromkeys(t for t, _ in where):
         runtimes = [r for t, r in where if t == target]
-        only = f" board.runtime={runtimes[0]}" if len(runtimes) == 1 and runtimes[0] else ""   # a board, one runtime only
+        # a board where only one of its runtimes is affected names that runtime
+        only = f" board.runtime={runtimes[0]}" if len(runtimes) == 1 and runtimes[0] else ""
         words.append(f"target={target}{only}")
     int8 = any(not applies(t, r, False) for t, r in where)
     return ", ".join(words) + (" with quantize=true" if int8 else "")
