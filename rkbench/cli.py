@@ -41,7 +41,7 @@ def check_added_keys(overrides: list[str]) -> None:
     absent = object()
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
-        if (o.is_add() or o.is_force_add()) and key != "experiment" and not key.startswith("hydra.") \
+        if (o.is_add() or o.is_force_add()) and key != "experiment" and not key.startswith(("hydra.", "hydra/")) \
                 and OmegaConf.select(schema, key, default=absent) is absent:
             raise RkbenchError(f"{o.input_line}: rkbench has no key {key}, and `+` adds keys the schema does not have: "
                                "fix the name or drop it (python -m rkbench --help lists the axes)")

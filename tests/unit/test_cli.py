@@ -15,7 +15,7 @@ import pytest
 
 from rkbench import config, lifecycle, progress
 from rkbench.__main__ import main
-from rkbench.cli import compose_all
+from rkbench.cli import check_added_keys, compose_all
 from rkbench.config import ModelConfig, RunConfig
 from rkbench.errors import RkbenchError
 from rkbench.pipeline import Outcome, RunContext, run_name
@@ -63,6 +63,7 @@ def test_keys_added_with_plus_that_the_schema_lacks_are_refused(capsys):
     assert len(runs) == 4
     [run], _ = compose_all(["++resolution=640"])                  # forced onto a key the schema has
     assert run.resolution == 640
+    check_added_keys(["+hydra.job.env_set.X=1", "+hydra/job_logging=disabled"])   # Hydra's own
 
 
 def test_tracking_uri_is_mlflows_own_variable_unless_given(monkeypatch):
