@@ -4,6 +4,7 @@
     python -m rkbench -m resolution=320,640   a sweep: one MLflow parent run, one child per configuration
     python -m rkbench report [--help]         markdown report from MLflow
     python -m rkbench doctor board.address=IP:5555
+    python -m rkbench --help                  the axes and their values (--hydra-help: Hydra's own help)
 
 Every configuration of a sweep is composed and validated before the first one starts. The subcommands
 are routed before the pipeline is imported, so `report` does not pay for torch and the toolkit."""

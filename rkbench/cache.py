@@ -133,7 +133,7 @@ class StageCache:
         meta = _verified_meta(folder) if failure is None else None
         entry = Entry(stage, key, folder, hit=meta is not None or failure is not None, meta=meta, failure=failure)
         (self.hits if entry.hit else self.misses).append(stage)
-        log.info("cache %s %s %s", "hit " if entry.hit else "miss", stage, key[:16])
+        log.debug("cache %s %s %s", "hit " if entry.hit else "miss", stage, key[:16])
         return entry
 
     @contextmanager

@@ -26,6 +26,8 @@ QUANT_DTYPES = ("w8a8", "w8a16", "w16a16i_dfp", "w4a16")
 TARGETS = ("simulator", "onnxruntime", "board")
 FAMILIES = ("yolov8", "yolov5")
 CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
+QUANT_GROUPS = tuple(range(32, 257, 32))    # quant_method=group<N>
+BOARD_RUNTIMES = ("rknnlite", "onnxruntime")
 # NPU cores per SoC: core masks other than auto only exist on the multi-core parts.
 NPU_CORES = {"rk3588": 3, "rk3576": 2}
 # Platforms of rknn-toolkit2 2.x; the installed toolkit's own list wins when it can be read.
@@ -104,7 +106,7 @@ class BoardConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = "sqlite:///mlflow.db"       # conf/config.yaml takes MLflow's MLFLOW_TRACKING_URI when it is set
     experiment: str = "rkbench"
     enabled: bool = True
 
@@ -168,6 +170,30 @@ def toolkit_platforms() -> tuple[str, ...]:
         return TOOLKIT2_PLATFORMS
 
 
+def axes() -> dict[str, str]:
+    """The sweep axes and their allowed values, from the constants `validate` checks against, so
+    `python -m rkbench --help` and run names cannot drift from what is accepted."""
+    return {
+        "resolution": "a multiple of 32",
+        "export": ", ".join(HEADS),
+        "activation": ", ".join(ACTIVATIONS),
+        "simplify": ", ".join(SIMPLIFIERS),
+        "platform": ", ".join(toolkit_platforms()),
+        "quantize": "true (int8), false (fp16)",
+        "batch": "rknn_batch_size >= 1",
+        "algo": ", ".join(ALGOS),
+        "quant_method": f"layer, channel, group{QUANT_GROUPS[0]} .. group{QUANT_GROUPS[-1]} (step {QUANT_GROUPS[0]})",
+        "quant_dtype": ", ".join(QUANT_DTYPES),
+        "calib.size": "calibration images >= 1",
+        "calib.source": "dataset (the eval images) or a folder of images",
+        "core_mask": ", ".join(CORE_MASKS),
+        "eval.float_reference": "true, false (also score the float ONNX on the host)",
+        "target": ", ".join(TARGETS),
+        "board.runtime": ", ".join(BOARD_RUNTIMES),
+        "measure.modes": f"a list of {', '.join(BOARD_MODES)}",
+    }
+
+
 def check_cores(run: RunConfig) -> None:
     """Core mask against the SoC and the batch: only where the core mask applies (rkbench.spec.plan)."""
     cores = NPU_CORES.get(run.platform, 1)
@@ -203,7 +229,8 @@ def validate(run: RunConfig) -> None:
     _choice("target", run.target, TARGETS)
     _choice("core_mask", run.core_mask, CORE_MASKS)
     _choice("model.family", run.model.family, FAMILIES)
-    if not re.fullmatch(r"layer|channel|group(32|64|96|128|160|192|224|256)", run.quant_method):
+    group = re.fullmatch(r"group(\d+)", run.quant_method)
+    if run.quant_method not in ("layer", "channel") and not (group and int(group[1]) in QUANT_GROUPS):
         raise ConfigError(f"quant_method={run.quant_method!r} is not layer, channel or groupN (N a multiple of 32 in 32..256)")
     if run.platform in LEGACY_PLATFORMS:
         raise ConfigError(f"platform={run.platform} needs the legacy rknn-toolkit (v1), not rknn-toolkit2: pick one of {', '.join(toolkit_platforms())}")
@@ -247,7 +274,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
-    _choice("board.runtime", run.board.runtime, ("rknnlite", "onnxruntime"))
+    _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:

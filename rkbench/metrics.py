@@ -47,7 +47,8 @@ GROUPS = {g.name: g for g in (
     Group("convert", "rknn-toolkit2 build seconds and .rknn size", "host"),
     Group("export", "exported ONNX size", "host"),
     Group("calib", "calibration images actually used", "host"),
-    Group("sweep", "configurations of a sweep by status (on the parent run)", "host"),
+    Group("sweep", "on the parent run: configurations by status (finished, failed, reused); best_map50_95 and "
+          "fastest_<place>_..._p50 of its children", "host"),
 )}
 
 

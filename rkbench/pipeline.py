@@ -14,15 +14,17 @@ import importlib.metadata as md
 import json
 import logging
 import platform as host_platform
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from rkbench import metrics as M
 from rkbench import spec
-from rkbench.config import DatasetConfig, RunConfig, flatten, resolve_path
+from rkbench.config import DatasetConfig, ModelConfig, RunConfig, axes, flatten, resolve_path
 from rkbench.data.datasets import Dataset, load_coco, load_yolo
 from rkbench.errors import RkbenchError
+from rkbench.stages import Artifact
 
 log = logging.getLogger("rkbench")
 
@@ -37,6 +39,7 @@ class RunContext:
     sweep_dir: str = ""                 # the multirun's dir: the parent run is found by it
     overrides: list[str] = field(default_factory=list)
     output_dir: Optional[Path] = None   # the job's own dir: rkbench_outcome.json goes there
+    swept: list[str] = field(default_factory=list)   # keys the sweep varies, command-line order: the run name
 
 
 @dataclass
@@ -51,6 +54,9 @@ class Outcome:
     measured_run: Optional[str] = None     # REUSED: the run that measured these numbers ...
     measured_at: str = ""                  # ... and when
     collapsed: str = ""                    # axes that had no effect on the target
+    parent: Optional[str] = None           # the sweep's parent run
+    seconds: float = 0.0                   # wall time of this configuration (the sweep's ETA)
+    models: dict[str, str] = field(default_factory=dict)   # onnx | rknn -> its file in the stage cache
 
     def save(self, folder: Optional[Path]) -> None:
         if folder is not None:
@@ -71,9 +77,34 @@ def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
     return load_yolo(resolve_path(cfg.root), cfg.split, cfg.limit)
 
 
+# Axes whose values name themselves (640, kl_divergence, rk3576, w8a16, relu, onnxruntime): run names show
+# them bare; any other key is shown as key=value.
+SELF_NAMED = ("resolution", "activation", "platform", "algo", "quant_dtype", "target")
+
+
+def model_stem(model: ModelConfig) -> str:
+    """The model file's stem (`demo_yolov8n`, `best`); YOLOv5 is measured from its ONNX."""
+    source = model.onnx if model.family == "yolov5" else (model.weights or model.yaml or model.onnx)
+    return resolve_path(source).stem if source else model.name
+
+
+def _shown(key: str, value: str) -> str:
+    if key == "quantize":
+        return "int8" if value.lower() == "true" else "fp16"
+    return value if key in SELF_NAMED else f"{key}={value}"
+
+
 def run_name(run: RunConfig, ctx: RunContext) -> str:
-    axes = [o for o in ctx.overrides if not o.startswith(spec.NON_SEMANTIC + ("+experiment", "hydra."))]
-    return f"{run.model.name}" + (f" {' '.join(axes)}" if axes else f" {run.resolution}px {run.algo} {run.target}")
+    """Model file stem + the values of the keys this sweep varies (command-line order), or, for a single
+    run, of the axes that differ from their defaults: `demo_yolov8n 640 kl_divergence`. Never paths nor
+    settings that were not swept (dataset.limit, cache_dir)."""
+    if ctx.swept:
+        given = dict(o.lstrip("+~").split("=", 1) for o in ctx.overrides if "=" in o)
+        values = [(k, given[k]) for k in ctx.swept if k in given and k != "model"]   # the stem names the model
+    else:
+        mine, default = flatten(run), flatten(RunConfig())
+        values = [(k, mine[k]) for k in axes() if mine[k] != default[k]]
+    return " ".join([model_stem(run.model)] + [_shown(k, v) for k, v in values])
 
 
 def _latency(ev, warmup: int) -> tuple[dict[str, float], str]:
@@ -89,10 +120,12 @@ def _latency(ev, warmup: int) -> tuple[dict[str, float], str]:
 
 
 def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path, str], None],
-            record: Callable[[dict[str, float], dict[str, str]], None]) -> tuple[dict[str, float], dict[str, str]]:
+            record: Callable[[dict[str, float], dict[str, str]], None],
+            keep_model: Callable[[str, Artifact], None]) -> tuple[dict[str, float], dict[str, str]]:
     """The stages of one configuration. Returns (metrics, tags); `record` logs partial results at once
-    (board modes), so a later failure loses nothing already measured. Stages are imported here, so a
-    reused run never pays for torch or the toolkit."""
+    (board modes), so a later failure loses nothing already measured; `keep_model` gets the .onnx and the
+    .rknn as soon as they exist. Stages are imported here, so a reused run never pays for torch or the
+    toolkit."""
     from rkbench.runtimes.backends import make_runtime
     from rkbench.runtimes.simulator import SimulatorRuntime
     from rkbench.stages.convert import ConvertOptions, convert
@@ -105,6 +138,9 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
     tags: dict[str, str] = {}
     onnx = export(run.model, run.resolution, run.export, run.activation, cache)
     onnx = simplify(onnx, run.simplify, cache)
+    log.info("ONNX (%s head, %d px, simplify=%s) %s", run.export, run.resolution, run.simplify,
+             "taken from the stage cache" if onnx.cached else "exported")
+    keep_model("onnx", onnx)
     tags.update({"rkbench.cache.export": onnx.cache_key[:16]})
     metrics["export/onnx_mib"] = onnx.path.stat().st_size / 2**20
     if run.activation != "silu":
@@ -135,6 +171,7 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
         if run.quantize:
             metrics["calib/images"] = float(len(calib))
         rknn_art, live = convert(onnx, opts, run.resolution, calib, spec.files_hash(calib), cache, run.export)
+        keep_model("rknn", rknn_art)
         tags["rkbench.cache.convert"] = rknn_art.cache_key[:16]
         metrics["convert/build_s"] = float(rknn_art.info["build_s"])
         metrics["convert/rknn_mib"] = rknn_art.path.stat().st_size / 2**20
@@ -184,13 +221,14 @@ def _reuse(tracker, done, name: str, ident: spec.Identity, parent: Optional[str]
     log.info("reuse %s: measured in MLflow run %s at %s (resume=false to measure again)", name,
              done.info.run_id, measured_at)
     return Outcome("REUSED", link_id or done.info.run_id, name, ident.key, dict(done.data.metrics),
-                   measured_run=done.info.run_id, measured_at=measured_at, collapsed=plan.tag())
+                   measured_run=done.info.run_id, measured_at=measured_at, collapsed=plan.tag(), parent=parent)
 
 
 def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) -> Outcome:
     from rkbench.cache import StageCache
     from rkbench.tracking import git_sha, tracker_for
 
+    started = time.monotonic()
     plan = spec.plan(run_cfg)
     run_cfg = plan.config
     cache_root = Path(run_cfg.cache_dir).expanduser().resolve()
@@ -207,6 +245,7 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
     done = tracker.finished_run(ident.key, within=None if run_cfg.resume else parent) if tracker else None
     if done is not None and (run_cfg.resume or parent):
         outcome = _reuse(tracker, done, name, ident, parent, plan)
+        outcome.seconds = time.monotonic() - started
         outcome.save(ctx.output_dir)
         return outcome
 
@@ -223,6 +262,7 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         tracker.log(run_id, params=flatten(run_cfg))
         from omegaconf import OmegaConf
         tracker.text(run_id, OmegaConf.to_yaml(OmegaConf.structured(run_cfg)), "config.yaml")
+        log.info("%s: MLflow run %s", name, run_id)
 
     def attach(path: Path, subdir: str) -> None:
         if tracker and path.exists():
@@ -232,8 +272,15 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         if tracker:
             tracker.log(run_id, metrics, tags=tags)
 
+    models: dict[str, str] = {}
+
+    def keep_model(kind: str, art: Artifact) -> None:
+        models[kind] = str(art.path)
+        if tracker:
+            tracker.model_file(run_id, kind, art.path, art.sha256)
+
     try:
-        metrics, tags = execute(plan, dataset, cache, attach, record)
+        metrics, tags = execute(plan, dataset, cache, attach, record, keep_model)
         outcome = Outcome("FINISHED", run_id, name, ident.key, metrics, collapsed=plan.tag())
         if tracker:
             tracker.log(run_id, metrics, tags=dict(tags, **{"rkbench.status": "FINISHED",
@@ -255,5 +302,6 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
             tracker.end(run_id, status)
         raise
     outcome.cache = {s: "hit" for s in cache.hits} | {s: "miss" for s in cache.misses}
+    outcome.parent, outcome.models, outcome.seconds = parent, models, time.monotonic() - started
     outcome.save(ctx.output_dir)
     return outcome

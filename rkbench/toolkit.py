@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rkbench.errors import StageError
+from rkbench.progress import elapsed
 
 log = logging.getLogger("rkbench.toolkit")
 
@@ -44,6 +45,14 @@ class ConvertOptions:
     dtype: str
     batch: int
     optimization_level: int = 3
+
+    def describe(self, calib_images: int) -> str:
+        """In words, for the console: "int8, normal, 16 calibration images" or "fp16"."""
+        if not self.quantize:
+            words = ["fp16"]
+        else:
+            words = ["int8" if self.dtype == "w8a8" else self.dtype, self.algo, f"{calib_images} calibration images"]
+        return ", ".join(words + ([f"batch {self.batch}"] if self.batch > 1 else []))
 
     def toolkit_config(self) -> dict[str, Any]:
         return dict(mean_values=[list(MEAN)], std_values=[list(STD)], target_platform=self.platform,
@@ -129,11 +138,13 @@ def _failure(step: str, error: str, machine: bool, log_path: Path, hint: str) ->
 def build_rknn(onnx_path: Path, opts: ConvertOptions, calib_list: Optional[Path], log_path: Path, hint: str):
     """config -> load_onnx -> build on a fresh RKNN object; returns it live (simulator-ready).
     Raises StageError("convert"), deterministic unless the toolkit's words say the machine failed."""
-    from rknn.api import RKNN
-
-    log.info("rknn-toolkit2 %s: building %s (toolkit log: %s)", toolkit_version(), onnx_path.name, log_path)
+    calib = len(calib_list.read_text().splitlines()) if calib_list else 0
+    what = f"converting for {opts.platform} with rknn-toolkit2 {toolkit_version()} ({opts.describe(calib)})"
+    log.info("%s; its output goes to convert.log", what)
     # The toolkit drops debug graphs (check*.onnx) into the cwd when a build fails: keep them in the entry.
-    with captured_output(log_path), working_dir(log_path.parent):
+    with elapsed(what), captured_output(log_path), working_dir(log_path.parent):
+        from rknn.api import RKNN   # seconds: it imports torch (and prints), so inside the ticking line
+
         rknn = RKNN(verbose=True)
         steps = (("config", lambda: rknn.config(**opts.toolkit_config())),
                  ("load_onnx", lambda: rknn.load_onnx(model=str(onnx_path))),

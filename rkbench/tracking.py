@@ -28,6 +28,12 @@ def git_sha() -> str:
         return "unknown"
 
 
+def ui_command(uri: str) -> str:
+    """The command that browses this store; a sqlite file by its absolute path, so it works from anywhere."""
+    db = sqlite_path(uri)
+    return f"mlflow ui --backend-store-uri {'sqlite:///' + str(db) if db else uri}"
+
+
 def sqlite_path(uri: str) -> Optional[Path]:
     """The database file of a sqlite:/// URI (None for other stores and in-memory sqlite)."""
     if not uri.startswith("sqlite:///"):
@@ -146,7 +152,8 @@ class Tracker:
                                                 "rkbench.measured_in": measured.data.tags.get("mlflow.runName", ""),
                                                 "rkbench.measured_at": self.started_at(measured),
                                                 **{k: v for k, v in measured.data.tags.items()
-                                                   if k.startswith(("rkbench.device_kind", "rkbench.measure", "versions."))}}),
+                                                   if k.startswith(("rkbench.device_kind", "rkbench.measure",
+                                                                    "rkbench.artifact.", "versions.", "board."))}}),
                             parent=parent)
         self.log(run_id, dict(measured.data.metrics), params=dict(measured.data.params))
         self.end(run_id, "FINISHED")
@@ -176,6 +183,20 @@ class Tracker:
 
     def artifact(self, run_id: str, path: Path, subdir: Optional[str] = None) -> None:
         self.client.log_artifact(run_id, str(path), subdir)
+
+    def model_file(self, run_id: str, kind: str, path: Path, sha256: str) -> str:
+        """Log a model file (kind onnx or rknn) once per content in this experiment: the first run with it
+        holds it under model/; every run with it gets the tag rkbench.artifact.<kind> = <holder run
+        id>/model/<file> (and rkbench.artifact.<kind>.sha256), so a sweep does not copy one model into
+        every run. Returns that location."""
+        held = self.client.search_runs([self.experiment_id], max_results=1,
+                                       filter_string=f"tags.`rkbench.artifact.{kind}.sha256` = '{sha256}'")
+        where = held[0].data.tags.get(f"rkbench.artifact.{kind}") if held else None
+        if where is None:
+            self.client.log_artifact(run_id, str(path), "model")
+            where = f"{run_id}/model/{path.name}"
+        self.log(run_id, tags={f"rkbench.artifact.{kind}": where, f"rkbench.artifact.{kind}.sha256": sha256})
+        return where
 
     def text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def _pivot(text: str) -> tuple[str, str, str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rkbench report",
                                 description="Markdown report (with PNG plots) of a sweep, read from MLflow only.")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default: %(default)s)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="rkbench", help="MLflow experiment = study (default: %(default)s)")
     p.add_argument("--out", default="reports/", type=Path, help="output folder (default: %(default)s)")
     p.add_argument("--parent", metavar="RUN_ID", help="sweep run to report (default: the latest sweep, "

@@ -181,6 +181,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     from rkbench.spec import inference_spec
 
     transport = connect(run)
+    log.info("probing %s", transport.describe())
     facts, tags = inspect_board(transport, run)
     where = tags["rkbench.device_kind"]
     record({}, tags)
@@ -188,6 +189,8 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
 
     model = rknn_art.path if run.board.runtime == "rknnlite" else onnx.path
     spec = inference_spec(run, onnx.info, dataset, run.board.runtime)
+    log.info("deploying %s, the runner and %d images to the %s (files already there are skipped)", model.name,
+             len(dataset.images), where)
     deployed = deploy_inputs(transport, run, model, spec, dataset, cache_root / "board" / "inputs")
     deploy_metrics = {"deploy/pushed": float(deployed.pushed), "deploy/skipped": float(deployed.skipped),
                       "deploy/pushed_mib": deployed.pushed_bytes / 2**20, "deploy/seconds": deployed.seconds}
@@ -206,6 +209,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
 
     how: list[str] = []
     for mode in run.measure.modes:
+        log.info("measuring %s on the %s with %s", mode, where, run.board.runtime)
         result = session.run_mode(mode)
         attach(session.local_dir / f"{mode}.json", "board")
         if mode == "eval":

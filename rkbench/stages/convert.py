@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +14,8 @@ from rkbench.stages import Artifact, from_cache
 from rkbench.toolkit import MEAN, STD, ConvertOptions, build_rknn, export_rknn, toolkit_version
 
 __all__ = ["ConvertOptions", "convert", "write_calibration"]  # ConvertOptions: pipeline imports it from here
+
+log = logging.getLogger("rkbench.convert")
 
 
 def write_calibration(images: list[Path], resolution: int, out_dir: Path) -> Path:
@@ -51,6 +54,7 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
             raise StageError("convert", f"{entry.failure['detail']} (cached failure: delete {entry.dir} to retry)",
                              entry.failure["hint"], deterministic=True)
         if entry.hit:
+            log.info("%s .rknn taken from the stage cache (converted before with these inputs)", opts.platform)
             return from_cache(entry, "rknn"), None
         work = cache.begin(entry)
         hint = ("the official Ultralytics head does not build on rknn-toolkit2 2.x: use export=rknn"
@@ -60,6 +64,7 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
         try:
             rknn = build_rknn(onnx.path, opts, calib_list, work / "convert.log", hint)
             build_s = time.perf_counter() - started
+            log.info("converted in %.1f s", build_s)
             export_rknn(rknn, work / "model.rknn", work / "convert.log", hint)
         except StageError as err:
             if err.deterministic:  # the toolkit rejects this graph with these options: it will again

@@ -8,6 +8,7 @@ never presented as a new measurement."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,17 @@ from typing import Callable
 from rkbench.cache import StageCache, stage_key
 from rkbench.config import EvalConfig
 from rkbench.data.datasets import Dataset
-from rkbench.eval.coco import coco_metrics
+from rkbench.eval.coco import coco_metrics, per_class_ap
 from rkbench.eval.counts import count_table
 from rkbench.models.detect import Detector, InferenceSpec
 from rkbench.runtimes.backends import Runtime
+from rkbench.progress import bar
 from rkbench.stages import Artifact, from_cache
+
+log = logging.getLogger("rkbench.evaluate")
+
+# How the console says where an evaluation runs (the `where` of Evaluation).
+PLACES = {"simulator": "on the rknn-toolkit2 simulator", "host": "with ONNX Runtime on the host CPU"}
 
 
 @dataclass
@@ -36,7 +43,8 @@ class Evaluation:
 
 def score(dataset: Dataset, detections: list[dict], cfg: EvalConfig, prefix: str) -> dict[str, float]:
     metrics = {f"{prefix}/{k}": v for k, v in coco_metrics(dataset.coco_gt, detections).items()}
-    if prefix == "eval":  # count tables for the target runtime only, not for the float reference
+    if prefix == "eval":  # count tables and per-class AP for the target runtime only, not the float reference
+        metrics.update({f"eval_class/{name}": ap for name, ap in per_class_ap(dataset.coco_gt, detections).items()})
         for row in count_table(dataset.coco_gt, detections, tuple(cfg.count_thresholds)):
             for k, v in row.items():
                 if k != "conf":
@@ -49,11 +57,17 @@ def evaluate(model: Artifact, make_runtime: Callable[[], Runtime], runtime_id: s
              prefix: str = "eval") -> Evaluation:
     key = stage_key("evaluate", model=model.sha256, runtime=runtime_id, dataset=dataset.fingerprint(),
                     spec=spec.to_dict())
+    what = f"{len(dataset.images)} images {PLACES[where]}" + (" (float reference)" if prefix == "eval_float" else "")
     with cache.open("evaluate", key) as entry:   # one process evaluates, a concurrent one waits and hits
-        if not entry.hit:
+        if entry.hit:
+            log.info("detections of %s taken from the stage cache (evaluated before with these inputs)", what)
+        else:
+            log.info("evaluating %s", what)
             runtime = make_runtime()
             try:
-                detections, rows = Detector(spec, runtime).evaluate((rec.id, rec.path) for rec in dataset.images)
+                with bar(len(dataset.images), f"evaluating {what}", "img") as progress:
+                    detections, rows = Detector(spec, runtime).evaluate(((rec.id, rec.path) for rec in dataset.images),
+                                                                        on_batch=progress.update)
                 version = runtime.version()
             finally:
                 runtime.close()

@@ -137,8 +137,8 @@ def test_ctrl_c_prints_one_line_keeps_finished_runs_and_the_same_command_resumes
                                 stdout=subprocess.PIPE, stderr=err_file)
         started = 0
         for line in proc.stdout:
-            started += "cache miss export" in line
-            if started == 2:                # the second configuration is exporting
+            started += ": MLflow run " in line
+            if started == 2:                # the second configuration's run is started: it is exporting
                 break
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=300)
