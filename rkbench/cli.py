@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rkbench import lifecycle, pipeline, spec
 from rkbench import preflight as checks
+from rkbench import tables
 from rkbench import metrics as M
 from rkbench.config import BOARD_RUNTIMES, TARGETS, BoardConfig, RunConfig, axes, register, to_run_config
 from rkbench.errors import RkbenchError
@@ -119,13 +120,11 @@ def format_outcomes(outcomes: list[pipeline.Outcome]) -> str:
     numbers are shown too, with the run and time they were measured in."""
     shown = [m for m in M.KEY_METRICS if m == M.EVAL_MAP or any(m in o.metrics for o in outcomes)]
     head = ["run", "status", *[m.split("/", 1)[1] if m.startswith("eval/") else m for m in shown], "cache"]
-    rows = [head]
+    rows = []
     for o in outcomes:
         cache = " ".join(f"{s}:{h}" for s, h in o.cache.items()) or "-"
         rows.append([o.name, o.status, *[_cell(o, m) for m in shown], cache])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = tables.text(head, rows).splitlines()
     notes = [f"  {o.name}: {o.error}" for o in outcomes if o.status == "FAILED"]
     reused = [f"  {o.name}: measured in MLflow run {o.measured_run} at {o.measured_at}" for o in outcomes
               if o.status == "REUSED"]

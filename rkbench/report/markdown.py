@@ -5,11 +5,11 @@ a dependency."""
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
+from rkbench import tables
 from rkbench.metrics import EVAL_MAP, WHERE
 from rkbench.report.frontier import Frontier, fastest
 from rkbench.report.gate import Row
@@ -25,38 +25,7 @@ DROP = "map50_95 - float"      # runs-table column: eval/map50_95 - eval_float/m
 CPP = re.compile(r"latency/(?P<place>[a-z]+)_cpp_(?P<part>\w+)_ms_p50")
 
 
-def fmt(value: object) -> str:
-    """Numbers to 4 significant digits (whole numbers as integers), NaN as n/a, None as -."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "n/a"
-        if value.is_integer() and abs(value) < 1e9:
-            return str(int(value))
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ").strip() or " "
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[bool] | None = None) -> str:
-    """A GitHub-flavoured markdown table, columns padded so the source reads as a table too; numeric
-    columns are right-aligned."""
-    head = [_cell(str(h)) for h in header]
-    body = [[_cell(fmt(c)) for c in row] for row in rows]
-    if any(len(r) != len(head) for r in body):
-        raise ValueError("every row needs one cell per header column")
-    numeric = list(numeric) if numeric is not None else [False] * len(head)
-    widths = [max([len(head[i]), 3] + [len(r[i]) for r in body]) for i in range(len(head))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)) + " |"
-
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if n else "-" * w for w, n in zip(widths, numeric)) + " |"
-    return "\n".join([line(head), rule] + [line(r) for r in body])
+table = tables.markdown     # the report's tables (rkbench/tables.py)
 
 
 def _utc(ms: Optional[int]) -> str:

@@ -100,7 +100,7 @@ def md_tables(text: str) -> dict[str, list[list[str]]]:
         rows = [[c.strip() for c in line.strip()[1:-1].split(" | ")] for line in body.splitlines()
                 if line.startswith("|")]
         if rows:
-            out[heading.strip()] = [r for r in rows if not set("".join(r)) <= set("-: ")]
+            out[heading.strip()] = [r for r in rows if not set("".join(r)) <= set("-:| ")]
     return out
 
 
@@ -326,14 +326,15 @@ def test_cli_rejects_a_malformed_pivot(capsys):
 
 
 def test_markdown_table_formatter():
+    """pandas' to_markdown (tabulate's pipe format): numbers to 4 digits, missing as -, NaN as n/a, | escaped."""
     text = table(["name", "value"], [["a|b", 0.123456], ["c", None], ["d", float("nan")], ["e", 3.0]], [False, True])
     assert text.splitlines() == [
-        "| name |  value |",
-        "| ---- | -----: |",
-        "| a\\|b | 0.1235 |",
-        "| c    |      - |",
-        "| d    |    n/a |",
-        "| e    |      3 |",
+        "| name   |   value |",
+        "|:-------|--------:|",
+        "| a\\|b   |  0.1235 |",
+        "| c      |       - |",
+        "| d      |     n/a |",
+        "| e      |       3 |",
     ]
 
 
