@@ -152,11 +152,22 @@ def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0
     if shapes is None:
         raise ValueError("write_replay needs at least one input tensor")
     h, w = tensors[0].shape[:2]
+    return _describe(folder, h, w, shapes)
+
+
+def write_null_replay(folder: Path, input_size: int, output_shapes: Sequence[Sequence[int]]) -> Path:
+    """A NULL-mode description: the stand-in serves zeros of these shapes, hashing nothing and reading no
+    files, so a runner timed against it shows its own overhead. Never for reported numbers."""
+    return _describe(Path(folder), input_size, input_size, output_shapes, ["null"])
+
+
+def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], extra: Sequence[str] = ()) -> Path:
     lines = ["rkbench-replay 1", f"input images 4 1 {h} {w} 3 uint8 nhwc"]
     for k, shape in enumerate(shapes):
         lines.append(f"output output{k} {len(shape)} {' '.join(map(str, shape))} float32 nchw 0 0")
+    folder.mkdir(parents=True, exist_ok=True)
     model = folder / REPLAY_MODEL
-    model.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model.write_text("\n".join([*lines, *extra]) + "\n", encoding="utf-8")
     return model
 
 
