@@ -287,6 +287,7 @@ def usage() -> str:
         "                                                  the comma-separated values (a sweep)",
         "       python -m rkbench report [--help]          markdown report and plots of a sweep, from MLflow",
         "       python -m rkbench doctor board.address=IP:5555   what a board is, version mismatches and fixes",
+        "       python -m rkbench runner build --arch aarch64   the C++ runner's binary for a board (runner=cpp)",
         "       python -m rkbench.device.emulator --help   an emulated board behind a real adb server",
         "",
         "Sweep axes (every value is checked before the first configuration starts; an axis without effect",

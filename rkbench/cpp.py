@@ -1,7 +1,8 @@
 """The C++ on-device runner (cpp/rkbench_runner.cpp) and its replay stand-in librknnrt (cpp/fake_librknnrt.c):
 building them with the pip-installed zig toolchain, and the host side of the replay.
 
-    python -m rkbench.cpp build --arch aarch64 [--cache DIR]      # prints the runner binary's path
+    python -m rkbench runner build --arch aarch64 [--cache DIR]   # prints the runner binary's path
+    python -m rkbench.cpp build --arch aarch64 [--cache DIR]      # the same
     python -m rkbench.cpp build --arch x86_64 --stand-in          # prints the stand-in library's path
 
 Builds are cached under <cache>/cpp/<key>/ where key hashes the sources, the target and the toolchain
@@ -171,8 +172,8 @@ def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], ext
     return model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rkbench.cpp", description="Build rkbench's C++ runner.")
+def main(argv: Sequence[str] | None = None, prog: str = "python -m rkbench.cpp") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Build rkbench's C++ runner.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or find in the cache) and print the binary's path")
     b.add_argument("--arch", default="aarch64", choices=sorted(TARGETS))
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = (build_standin if args.stand_in else build)(args.arch, args.cache)
     except BuildError as exc:
-        print(f"rkbench.cpp: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(path)
     return 0

@@ -35,9 +35,10 @@ GROUPS = {g.name: g for g in (
     Group("counts", "correct / false / missed detections at each confidence threshold: counts/c<conf>/<field>",
           "the run's device kind"),
     Group("latency", "per-call times in ms: latency/<where>_<part>_ms_<stat>, part = infer (host, simulator) or "
-          "py_pre / py_infer / py_post / py_total (board runner)", "name"),
-    Group("throughput", "frames per second: single stream (<where>_single_fps), a worker pool (<where>_fps), "
-          "frame latency and per-core share", "name"),
+          "py_pre / py_infer / py_post / py_total (board, Python runner) or cpp_inputs_set / cpp_run / cpp_outputs_get "
+          "/ cpp_total (board, C++ runner)", "name"),
+    Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
+          "pool (<where>_fps), frame latency and per-core share", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
     Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
@@ -84,5 +85,6 @@ def system(place: str, mode: str, what: str) -> str:
 EVAL_MAP = "eval/map50_95"
 # The short result table: the first of each that a run has.
 KEY_METRICS = (EVAL_MAP, "eval_float/map50_95", "eval/map50", latency("board", "py_infer", "p50"),
-               latency("emulator", "py_infer", "p50"), "throughput/board_fps", "throughput/emulator_fps",
+               latency("board", "cpp_run", "p50"), latency("emulator", "py_infer", "p50"),
+               latency("emulator", "cpp_run", "p50"), "throughput/board_fps", "throughput/emulator_fps",
                latency("simulator", "infer", "p50"), latency("host", "infer", "p50"), "convert/build_s")

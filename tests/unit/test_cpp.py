@@ -305,3 +305,13 @@ def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: 
     assert Path(capsys.readouterr().out.strip()) == x86[0]  # same sources and target: the cached copy
     assert cpp.main(["build", "--arch", "x86_64", "--stand-in", "--cache", str(build_cache)]) == 0
     assert Path(capsys.readouterr().out.strip()) == x86[1]
+
+
+def test_rkbench_runner_build_routes_to_the_cpp_build(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    from rkbench.__main__ import main
+
+    assert main(["runner", "build", "--arch", "x86_64", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[0]
+    with pytest.raises(SystemExit):
+        main(["runner", "build", "--arch", "mips"])
+    assert "python -m rkbench runner build: error: argument --arch" in capsys.readouterr().err
