@@ -251,6 +251,11 @@ int rknn_outputs_get(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]
         const float *src = s->values + at;
         int as_float = outputs[k].want_float || a->type == RKNN_TENSOR_FLOAT32;
         uint32_t bytes = a->n_elems * (as_float ? 4 : 1);
+        if (s->null_mode && as_float && !outputs[k].is_prealloc) {  /* null: the zeros themselves, no copy */
+            outputs[k].buf = (void *)src;
+            outputs[k].size = bytes;
+            continue;
+        }
         if (!outputs[k].is_prealloc) outputs[k].buf = malloc(bytes);
         else if (outputs[k].size < bytes) return RKNN_ERR_PARAM_INVALID;
         outputs[k].size = bytes;
@@ -268,9 +273,12 @@ int rknn_outputs_get(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]
 }
 
 int rknn_outputs_release(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]) {
-    if (!get(ctx) || !outputs) return RKNN_ERR_PARAM_INVALID;
+    standin *s = get(ctx);
+    if (!s || !outputs) return RKNN_ERR_PARAM_INVALID;
     for (uint32_t k = 0; k < n_outputs; k++) {
-        if (!outputs[k].is_prealloc) {
+        const float *buf = (const float *)outputs[k].buf;
+        int shared = s->values && buf >= s->values && buf < s->values + total_elems(s);  /* null mode's zeros */
+        if (!outputs[k].is_prealloc && !shared) {
             free(outputs[k].buf);
             outputs[k].buf = NULL;
         }
