@@ -12,7 +12,8 @@ from typing import Optional
 
 WHERE = {
     "board": "on the board's NPU (the only place NPU latency is measured)",
-    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol): not NPU latency",
+    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol; for the C++ runner a "
+                "replay stand-in of librknnrt): not NPU latency",
     "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
     "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
 }
