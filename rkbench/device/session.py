@@ -1,6 +1,7 @@
-"""The host side of the on-device runner: deploy a configuration's files into the board's
+"""The host side of the on-device runners: deploy a configuration's files into the board's
 content-addressed cache (model, runner bundle, spec file, images, images list: what is there is
-skipped), then run one runner mode at a time and pull its result.
+skipped; for the C++ runner its binary, host-prepared input tensors and, on the emulated board, the
+replay stand-in), then run one runner mode at a time and pull its result.
 
 Retries: a mode whose connection dropped, whose runner was killed by a signal, or whose result came back
 missing or incomplete runs once more, from scratch, into a new result file (a measurement is never

@@ -1,9 +1,12 @@
 """Stage: measure on a Rockchip board over adb, or on the emulated board that speaks the same protocol.
 
     probe (doctor facts, tagged on the run; blocking findings stop here with their fix)
-    -> deploy (content-addressed: model, runner bundle, images, images list; what is there is skipped)
-    -> one runner call per measure mode (latency, eval, throughput, tiling): result pulled, checked
-       complete, logged at once through `record`, so a later failure loses nothing already measured
+    -> deploy (content-addressed: model, runner bundle, images, images list; what is there is skipped;
+       runner=cpp: the C++ runner built for the board's machine, the .rknn, tensors letterboxed on the host,
+       and on the emulated board the replay stand-in librknnrt with the ONNX Runtime outputs it serves)
+    -> one runner call per measure mode (latency, eval, throughput, tiling; the C++ runner: latency, eval):
+       result pulled, checked complete, logged at once through `record`, so a later failure loses nothing
+       already measured
     -> optional PC-side rknn-toolkit2 eval_perf / eval_memory (real boards only)
 
 Retries: a mode whose connection dropped, whose runner was killed by a signal, or whose result came back
