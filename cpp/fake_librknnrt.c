@@ -10,7 +10,14 @@
  *   rkbench-replay 1
  *   input <name> <n_dims> <dims...> <uint8|float32> <nhwc|nchw>
  *   output <name> <n_dims> <dims...> <float32|int8> <nchw|nhwc> <zero point> <scale>     (one per output)
- * and <hash as 16 hex digits>.out holds the outputs of that input, float32, concatenated in order. */
+ *   record <hash as 16 hex digits> <path>        (optional, any number: where that input's outputs lie,
+ *                                                 relative to this file; rkbench's board deploy writes them)
+ *   null                                         (optional: NULL MODE, see below)
+ * and, without record lines, <hash as 16 hex digits>.out next to it holds the outputs of that input,
+ * float32, concatenated in order.
+ *
+ * Null mode (a `null` line): no hashing, no files; every run serves zeros. Only for measuring a runner's own
+ * overhead (bench/bench_runner.py): its numbers are never NPU latency and never reported as such. */
 #include "rknn_api_subset.h"
 
 #include <math.h>
@@ -20,6 +27,12 @@
 
 #define MAX_TENSORS 32
 #define STANDIN_VERSION "rkbench replay stand-in, not librknnrt"
+#define NULL_VERSION "rkbench replay stand-in in NULL mode (zeros, overhead only), not librknnrt"
+
+typedef struct {
+    uint64_t hash;
+    char path[1024];          /* relative to the description's folder, or absolute */
+} record;
 
 typedef struct {
     char folder[1024];
@@ -31,7 +44,20 @@ typedef struct {
     int have_outputs;
     float *values;            /* all outputs, float32, in order */
     rknn_tensor_mem *in_mem, *out_mem[MAX_TENSORS];
+    record *records;          /* from `record` lines; none: <folder>/<hash>.out */
+    size_t n_records;
+    int null_mode;            /* a `null` line: zeros, no hashing */
 } standin;
+
+static int read_record(FILE *f, standin *s) {
+    record *more = (record *)realloc(s->records, (s->n_records + 1) * sizeof(record));
+    if (!more) return -1;
+    s->records = more;
+    unsigned long long hash;
+    if (fscanf(f, "%llx %1023s", &hash, more[s->n_records].path) != 2) return -1;
+    more[s->n_records++].hash = hash;
+    return 0;
+}
 
 static uint64_t fnv1a64(const uint8_t *p, size_t n, uint64_t h) {
     for (size_t i = 0; i < n; i++) {
@@ -83,11 +109,14 @@ int rknn_init(rknn_context *ctx, void *model, uint32_t size, uint32_t flag, rknn
     while (ok && fscanf(f, "%15s", kind) == 1) {
         if (!strcmp(kind, "input") && s->n_in < MAX_TENSORS) ok = read_attr(f, &s->in[s->n_in], s->n_in, 0) == 0, s->n_in++;
         else if (!strcmp(kind, "output") && s->n_out < MAX_TENSORS) ok = read_attr(f, &s->out[s->n_out], s->n_out, 1) == 0, s->n_out++;
+        else if (!strcmp(kind, "record")) ok = read_record(f, s) == 0;
+        else if (!strcmp(kind, "null")) s->null_mode = 1;
         else ok = 0;
     }
     fclose(f);
     if (!ok || s->n_in != 1 || s->n_out == 0) {
         fprintf(stderr, "replay stand-in: %s is not a replay description: write it with rkbench.cpp.write_replay\n", path);
+        free(s->records);
         free(s);
         return RKNN_ERR_MODEL_INVALID;
     }
@@ -105,6 +134,7 @@ int rknn_destroy(rknn_context ctx) {
     standin *s = get(ctx);
     if (!s) return RKNN_ERR_CTX_INVALID;
     free(s->values);
+    free(s->records);
     free(s);
     return RKNN_SUCC;
 }
@@ -127,7 +157,7 @@ int rknn_query(rknn_context ctx, rknn_query_cmd cmd, void *info, uint32_t size) 
     }
     if (cmd == RKNN_QUERY_SDK_VERSION && size >= sizeof(rknn_sdk_version)) {
         rknn_sdk_version *v = (rknn_sdk_version *)info;
-        snprintf(v->api_version, sizeof(v->api_version), "%s", STANDIN_VERSION);
+        snprintf(v->api_version, sizeof(v->api_version), "%s", s->null_mode ? NULL_VERSION : STANDIN_VERSION);
         snprintf(v->drv_version, sizeof(v->drv_version), "%s", "none (replay)");
         return RKNN_SUCC;
     }
@@ -146,7 +176,7 @@ int rknn_inputs_set(rknn_context ctx, uint32_t n_inputs, rknn_input inputs[]) {
         fprintf(stderr, "replay stand-in: input of %u bytes, the model takes %u\n", inputs[0].size, s->in[0].size);
         return RKNN_ERR_INPUT_INVALID;
     }
-    s->hash = fnv1a64((const uint8_t *)inputs[0].buf, inputs[0].size, 14695981039346656037ULL);
+    if (!s->null_mode) s->hash = fnv1a64((const uint8_t *)inputs[0].buf, inputs[0].size, 14695981039346656037ULL);
     s->have_input = 1;
     return RKNN_SUCC;
 }
@@ -161,18 +191,28 @@ int rknn_run(rknn_context ctx, rknn_run_extend *ext) {
     (void)ext;
     standin *s = get(ctx);
     if (!s) return RKNN_ERR_CTX_INVALID;
-    if (s->in_mem) {  /* zero-copy input: hash what is in the buffer now */
+    if (s->in_mem && !s->null_mode) {  /* zero-copy input: hash what is in the buffer now */
         s->hash = fnv1a64((const uint8_t *)s->in_mem->virt_addr, s->in[0].size, 14695981039346656037ULL);
         s->have_input = 1;
     }
     if (!s->have_input) return RKNN_ERR_INPUT_INVALID;
-    if (!s->have_outputs || s->loaded != s->hash) {
-        char path[1100];
-        snprintf(path, sizeof(path), "%s/%016llx.out", s->folder, (unsigned long long)s->hash);
+    if (s->null_mode && !s->have_outputs) {
+        s->values = (float *)calloc(total_elems(s), sizeof(float));
+        if (!s->values) return RKNN_ERR_OUTPUT_INVALID;
+        s->have_outputs = 1;
+    }
+    if (!s->null_mode && (!s->have_outputs || s->loaded != s->hash)) {
+        char path[2100];
+        const char *where = NULL;
+        for (size_t i = 0; i < s->n_records && !where; i++)
+            if (s->records[i].hash == s->hash) where = s->records[i].path;
+        if (!where) snprintf(path, sizeof(path), "%s/%016llx.out", s->folder, (unsigned long long)s->hash);
+        else if (where[0] == '/') snprintf(path, sizeof(path), "%s", where);
+        else snprintf(path, sizeof(path), "%s/%s", s->folder, where);
         FILE *f = fopen(path, "rb");
         if (!f) {
-            fprintf(stderr, "replay stand-in: no recorded outputs for input %016llx in %s: record this input "
-                    "with rkbench.cpp.write_replay\n", (unsigned long long)s->hash, s->folder);
+            fprintf(stderr, "replay stand-in: no recorded outputs for input %016llx (%s): record this input "
+                    "with rkbench.cpp.write_replay\n", (unsigned long long)s->hash, path);
             return RKNN_ERR_INPUT_INVALID;
         }
         size_t n = total_elems(s);
@@ -211,6 +251,11 @@ int rknn_outputs_get(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]
         const float *src = s->values + at;
         int as_float = outputs[k].want_float || a->type == RKNN_TENSOR_FLOAT32;
         uint32_t bytes = a->n_elems * (as_float ? 4 : 1);
+        if (s->null_mode && as_float && !outputs[k].is_prealloc) {  /* null: the zeros themselves, no copy */
+            outputs[k].buf = (void *)src;
+            outputs[k].size = bytes;
+            continue;
+        }
         if (!outputs[k].is_prealloc) outputs[k].buf = malloc(bytes);
         else if (outputs[k].size < bytes) return RKNN_ERR_PARAM_INVALID;
         outputs[k].size = bytes;
@@ -228,9 +273,12 @@ int rknn_outputs_get(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]
 }
 
 int rknn_outputs_release(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]) {
-    if (!get(ctx) || !outputs) return RKNN_ERR_PARAM_INVALID;
+    standin *s = get(ctx);
+    if (!s || !outputs) return RKNN_ERR_PARAM_INVALID;
     for (uint32_t k = 0; k < n_outputs; k++) {
-        if (!outputs[k].is_prealloc) {
+        const float *buf = (const float *)outputs[k].buf;
+        int shared = s->values && buf >= s->values && buf < s->values + total_elems(s);  /* null mode's zeros */
+        if (!outputs[k].is_prealloc && !shared) {
             free(outputs[k].buf);
             outputs[k].buf = NULL;
         }

@@ -4,6 +4,7 @@
     python -m rkbench -m resolution=320,640   a sweep: one MLflow parent run, one child per configuration
     python -m rkbench report [--help]         markdown report from MLflow
     python -m rkbench doctor board.address=IP:5555
+    python -m rkbench runner build --arch aarch64   the C++ runner's binary (built or found in the cache)
     python -m rkbench --help                  the axes and their values (--hydra-help: Hydra's own help)
 
 Every configuration of a sweep is composed and validated before the first one starts. The subcommands
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def interrupted(argv: list[str], done: int) -> str:
     """`done`: configurations completed before the interrupt (cli.run_sweep re-raises with that count)."""
-    if argv[:1] in (["report"], ["doctor"]):
+    if argv[:1] in (["report"], ["doctor"], ["runner"]):
         return f"rkbench: {argv[0]} interrupted (Ctrl-C)"
     # the pipeline marks the interrupted MLflow run (and a sweep's parent run) KILLED on its way out
     return (f"rkbench: interrupted (Ctrl-C) after {done} completed configuration(s), which stay in MLflow (the "
@@ -41,6 +42,9 @@ def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["doctor"]:
         from rkbench.device.doctor import main as doctor_main
         return doctor_main(argv[1:])
+    if argv[:1] == ["runner"]:
+        from rkbench.cpp import main as cpp_main
+        return cpp_main(argv[1:], prog="python -m rkbench runner")
     from rkbench.cli import run_sweep
     return run_sweep(argv)
 

@@ -223,8 +223,10 @@ def _pin(key: str, value: str) -> str:
     return f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
 
 
-# Where an axis can have an effect: a target, and for a board the runtime that runs the model there.
-PLACES = [(t, r) for t in TARGETS for r in (BOARD_RUNTIMES if t == "board" else ("",))]
+# Where an axis can have an effect: a target, and for a board the runner and runtime that run the model there
+# (place, runner, board.runtime); the C++ runner has no board.runtime of its own (librknnrt).
+PLACES = ([(f"target={t}", "python", "rknnlite") for t in TARGETS if t != "board"]
+          + [(f"board.runtime={r}", "python", r) for r in BOARD_RUNTIMES] + [("runner=cpp", "cpp", "rknnlite")])
 
 
 def applies_to(key: str) -> str:
@@ -235,17 +237,23 @@ def applies_to(key: str) -> str:
     if rule is None:
         return "every target"
 
-    def applies(target: str, runtime: str, quantize: bool) -> bool:
-        return rule(RunConfig(target=target, quantize=quantize, board=BoardConfig(runtime=runtime or "rknnlite")))
+    def applies(place: str, runner: str, runtime: str, quantize: bool) -> bool:
+        target = place.split("=")[1] if place.startswith("target=") else "board"
+        return rule(RunConfig(target=target, runner=runner, quantize=quantize, board=BoardConfig(runtime=runtime)))
 
-    where = [(t, r) for t, r in PLACES if applies(t, r, True)]
-    words = []
-    for target in dict.fromkeys(t for t, _ in where):
-        runtimes = [r for t, r in where if t == target]
-        # a board where only one of its runtimes is affected names that runtime
-        only = f" board.runtime={runtimes[0]}" if len(runtimes) == 1 and runtimes[0] else ""
-        words.append(f"target={target}{only}")
-    int8 = any(not applies(t, r, False) for t, r in where)
+    where = [p for p in PLACES if applies(*p, True)]
+    words = [place for place, _, _ in where if place.startswith("target=")]
+    board = [place for place, _, _ in where if not place.startswith("target=")]
+    on_board = [place for place, _, _ in PLACES if not place.startswith("target=")]
+    python = [place for place, runner, _ in PLACES if runner == "python" and not place.startswith("target=")]
+    # a board where only some of its runners / runtimes are affected names them
+    if board == on_board:
+        words.append("target=board")
+    elif board == python:
+        words.append("target=board runner=python")
+    elif board:
+        words.append("target=board " + " or ".join(board))
+    int8 = any(not applies(*p, False) for p in where)
     return ", ".join(words) + (" with quantize=true" if int8 else "")
 
 
@@ -278,6 +286,7 @@ def usage() -> str:
         "                                                  the comma-separated values (a sweep)",
         "       python -m rkbench report [--help]          markdown report and plots of a sweep, from MLflow",
         "       python -m rkbench doctor board.address=IP:5555   what a board is, version mismatches and fixes",
+        "       python -m rkbench runner build --arch aarch64   the C++ runner's binary for a board (runner=cpp)",
         "       python -m rkbench.device.emulator --help   an emulated board behind a real adb server",
         "",
         "Sweep axes (every value is checked before the first configuration starts; an axis without effect",

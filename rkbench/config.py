@@ -28,6 +28,7 @@ FAMILIES = ("yolov8", "yolov5")
 CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
 QUANT_GROUPS = tuple(range(32, 257, 32))    # quant_method=group<N>
 BOARD_RUNTIMES = ("rknnlite", "onnxruntime")
+RUNNERS = ("python", "cpp")                 # the on-device runner: rkbench/device/runner.py or cpp/rkbench_runner.cpp
 # NPU cores per SoC: core masks other than auto only exist on the multi-core parts.
 NPU_CORES = {"rk3588": 3, "rk3576": 2}
 # Platforms of rknn-toolkit2 2.x; the installed toolkit's own list wins when it can be read.
@@ -128,6 +129,7 @@ class RunConfig:
     batch: int = 1                          # rknn_batch_size
     core_mask: str = "auto"
     target: str = "simulator"
+    runner: str = "python"                  # target=board: python (runner.py) or cpp (C++ runner on librknnrt)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -189,6 +191,7 @@ def axes() -> dict[str, str]:
         "core_mask": ", ".join(CORE_MASKS),
         "eval.float_reference": "true, false (also score the float ONNX on the host)",
         "target": ", ".join(TARGETS),
+        "runner": f"{', '.join(RUNNERS)} (the on-device runner of target=board)",
         "board.runtime": ", ".join(BOARD_RUNTIMES),
         "measure.modes": f"a list of {', '.join(BOARD_MODES)}",
     }
@@ -227,6 +230,7 @@ def validate(run: RunConfig) -> None:
     _choice("algo", run.algo, ALGOS)
     _choice("quant_dtype", run.quant_dtype, QUANT_DTYPES)
     _choice("target", run.target, TARGETS)
+    _choice("runner", run.runner, RUNNERS)
     _choice("core_mask", run.core_mask, CORE_MASKS)
     _choice("model.family", run.model.family, FAMILIES)
     group = re.fullmatch(r"group(\d+)", run.quant_method)

@@ -1,7 +1,8 @@
 """The C++ on-device runner (cpp/rkbench_runner.cpp) and its replay stand-in librknnrt (cpp/fake_librknnrt.c):
 building them with the pip-installed zig toolchain, and the host side of the replay.
 
-    python -m rkbench.cpp build --arch aarch64 [--cache DIR]      # prints the runner binary's path
+    python -m rkbench runner build --arch aarch64 [--cache DIR]   # prints the runner binary's path
+    python -m rkbench.cpp build --arch aarch64 [--cache DIR]      # the same
     python -m rkbench.cpp build --arch x86_64 --stand-in          # prints the stand-in library's path
 
 Builds are cached under <cache>/cpp/<key>/ where key hashes the sources, the target and the toolchain
@@ -152,16 +153,27 @@ def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0
     if shapes is None:
         raise ValueError("write_replay needs at least one input tensor")
     h, w = tensors[0].shape[:2]
+    return _describe(folder, h, w, shapes)
+
+
+def write_null_replay(folder: Path, input_size: int, output_shapes: Sequence[Sequence[int]]) -> Path:
+    """A NULL-mode description: the stand-in serves zeros of these shapes, hashing nothing and reading no
+    files, so a runner timed against it shows its own overhead. Never for reported numbers."""
+    return _describe(Path(folder), input_size, input_size, output_shapes, ["null"])
+
+
+def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], extra: Sequence[str] = ()) -> Path:
     lines = ["rkbench-replay 1", f"input images 4 1 {h} {w} 3 uint8 nhwc"]
     for k, shape in enumerate(shapes):
         lines.append(f"output output{k} {len(shape)} {' '.join(map(str, shape))} float32 nchw 0 0")
+    folder.mkdir(parents=True, exist_ok=True)
     model = folder / REPLAY_MODEL
-    model.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    model.write_text("\n".join([*lines, *extra]) + "\n", encoding="utf-8")
     return model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rkbench.cpp", description="Build rkbench's C++ runner.")
+def main(argv: Sequence[str] | None = None, prog: str = "python -m rkbench.cpp") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Build rkbench's C++ runner.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or find in the cache) and print the binary's path")
     b.add_argument("--arch", default="aarch64", choices=sorted(TARGETS))
@@ -171,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = (build_standin if args.stand_in else build)(args.arch, args.cache)
     except BuildError as exc:
-        print(f"rkbench.cpp: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(path)
     return 0

@@ -12,7 +12,8 @@ from typing import Optional
 
 WHERE = {
     "board": "on the board's NPU (the only place NPU latency is measured)",
-    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol): not NPU latency",
+    "emulator": "on the emulated board (ONNX Runtime on this host behind the adb wire protocol; for the C++ runner a "
+                "replay stand-in of librknnrt): not NPU latency",
     "simulator": "with the rknn-toolkit2 simulator on the host: quantized accuracy is real, its times are not NPU latency",
     "host": "with ONNX Runtime on the host CPU (float reference): not NPU latency",
 }
@@ -35,9 +36,10 @@ GROUPS = {g.name: g for g in (
     Group("counts", "correct / false / missed detections at each confidence threshold: counts/c<conf>/<field>",
           "the run's device kind"),
     Group("latency", "per-call times in ms: latency/<where>_<part>_ms_<stat>, part = infer (host, simulator) or "
-          "py_pre / py_infer / py_post / py_total (board runner)", "name"),
-    Group("throughput", "frames per second: single stream (<where>_single_fps), a worker pool (<where>_fps), "
-          "frame latency and per-core share", "name"),
+          "py_pre / py_infer / py_post / py_total (board, Python runner) or cpp_inputs_set / cpp_run / cpp_outputs_get "
+          "/ cpp_total (board, C++ runner)", "name"),
+    Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
+          "pool (<where>_fps), frame latency and per-core share", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
     Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
@@ -84,5 +86,6 @@ def system(place: str, mode: str, what: str) -> str:
 EVAL_MAP = "eval/map50_95"
 # The short result table: the first of each that a run has.
 KEY_METRICS = (EVAL_MAP, "eval_float/map50_95", "eval/map50", latency("board", "py_infer", "p50"),
-               latency("emulator", "py_infer", "p50"), "throughput/board_fps", "throughput/emulator_fps",
+               latency("board", "cpp_run", "p50"), latency("emulator", "py_infer", "p50"),
+               latency("emulator", "cpp_run", "p50"), "throughput/board_fps", "throughput/emulator_fps",
                latency("simulator", "infer", "p50"), latency("host", "infer", "p50"), "convert/build_s")

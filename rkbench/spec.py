@@ -39,8 +39,8 @@ VERSIONED = ("onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy",
 
 
 def uses_rknn(run: RunConfig) -> bool:
-    """The .rknn is what gets measured: the simulator, or a board running it with RKNNLite."""
-    return run.target == "simulator" or (run.target == "board" and run.board.runtime == "rknnlite")
+    """The .rknn is what gets measured: the simulator, or a board running it with RKNNLite or the C++ runner."""
+    return run.target == "simulator" or (run.target == "board" and (run.board.runtime == "rknnlite" or run.runner == "cpp"))
 
 
 def quantizes(run: RunConfig) -> bool:
@@ -53,14 +53,16 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
      "only the .rknn uses it, and target={target}{runtime} runs the ONNX"),
     (("algo", "quant_method", "quant_dtype", "calib.size", "calib.source", "calib.seed"), quantizes,
      "only an int8 .rknn is calibrated (target={target}{runtime}, quantize={quantize})"),
-    (("core_mask",), lambda r: r.target == "board" and r.board.runtime == "rknnlite",
+    (("core_mask",), lambda r: r.target == "board" and uses_rknn(r),
      "NPU cores are chosen only on a board running the .rknn (target={target}{runtime})"),
     (("eval.float_reference",), lambda r: r.target != "onnxruntime",
      "target=onnxruntime is the float reference itself"),
     (("measure.iterations", "measure.min_seconds", "measure.modes", "measure.workers", "measure.cores",
       "measure.frames", "measure.tile_frame", "measure.tile_overlap", "measure.toolkit_perf", "board.serial",
-      "board.address", "board.remote_root", "board.python", "board.runtime"), lambda r: r.target == "board",
+      "board.address", "board.remote_root", "runner"), lambda r: r.target == "board",
      "only the board runner uses it (target={target})"),
+    (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
+     "only the Python runner on a board uses it (target={target}, runner={runner})"),
 ]
 
 
@@ -92,14 +94,16 @@ def plan(run: RunConfig) -> RunPlan:
     default = RunConfig()
     effective = copy.deepcopy(run)
     collapsed: dict[str, str] = {}
-    runtime = f" board.runtime={run.board.runtime}" if run.target == "board" else ""
+    runtime = ("" if run.target != "board" else " runner=cpp" if run.runner == "cpp"
+               else f" board.runtime={run.board.runtime}")
     for keys, applies, why in APPLIES:
         if applies(run):
             continue
         for key in keys:
             given, reset = _get(run, key), _get(default, key)
             if given != reset:
-                collapsed[key] = f"{given} ({why.format(target=run.target, runtime=runtime, quantize=run.quantize)})"
+                reason = why.format(target=run.target, runtime=runtime, quantize=run.quantize, runner=run.runner)
+                collapsed[key] = f"{given} ({reason})"
                 _set(effective, key, copy.deepcopy(reset))
     check_cores(effective)
     return RunPlan(effective, collapsed)

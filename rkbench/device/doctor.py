@@ -24,6 +24,7 @@ kv() { printf '%s=%s\n' "$1" "$2"; }
 root="$1"
 kv compatible "$(tr '\000' ';' < /proc/device-tree/compatible 2>/dev/null)"
 kv kernel "$(uname -r 2>/dev/null)"
+kv machine "$(uname -m 2>/dev/null)"
 kv npu_driver "$(cat /sys/kernel/debug/rknpu/version 2>/dev/null)"
 kv npu_load "$(cat /sys/kernel/debug/rknpu/load 2>/dev/null)"
 for f in /usr/lib/librknnrt.so /usr/lib64/librknnrt.so /vendor/lib64/librknnrt.so /vendor/lib/librknnrt.so; do
@@ -91,6 +92,7 @@ class BoardFacts:
     soc: Optional[str] = None
     compatible: list[str] = field(default_factory=list)
     kernel: Optional[str] = None
+    machine: Optional[str] = None            # `uname -m`: aarch64 on the boards (the C++ runner's build)
     npu_driver: Optional[str] = None
     npu_load: Optional[str] = None
     librknnrt: Optional[str] = None          # "2.3.0"
@@ -114,7 +116,7 @@ class BoardFacts:
         """`board.*` tags for every run measured on this board (unknown facts are left out)."""
         tags = {"board.transport": self.transport, "board.dmc": str(self.dmc).lower(),
                 "board.emulated": str(self.emulated).lower()}
-        for key in ("soc", "kernel", "npu_driver", "librknnrt", "rknn_server", "toolkit_lite2", "onnxruntime",
+        for key in ("soc", "kernel", "machine", "npu_driver", "librknnrt", "rknn_server", "toolkit_lite2", "onnxruntime",
                     "python", "npu_freq_hz", "npu_governor", "ddr_freq_hz", "ddr_governor"):
             value = getattr(self, key)
             if value not in (None, ""):
@@ -155,6 +157,7 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
     socs = [c.split(",", 1)[1] for c in facts.compatible if c.startswith("rockchip,") and "-" not in c]
     facts.soc = socs[-1] if socs else None
     facts.kernel = values.get("kernel") or None
+    facts.machine = values.get("machine") or None
     driver = re.search(r"v?(\d+\.\d+\.\d+)", values.get("npu_driver", ""))
     facts.npu_driver = driver.group(1) if driver else None
     facts.npu_load = values.get("npu_load") or None
@@ -259,7 +262,7 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
 
 def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
     rows = [("transport", facts.transport + (" (emulated: no NPU)" if facts.emulated else "")), ("soc", facts.soc), ("compatible", " ".join(facts.compatible)),
-            ("kernel", facts.kernel), ("npu driver", facts.npu_driver),
+            ("kernel", facts.kernel), ("machine", facts.machine), ("npu driver", facts.npu_driver),
             ("librknnrt", facts.librknnrt_build and f"{facts.librknnrt_build} ({facts.librknnrt_path})"),
             ("rknn_server", facts.rknn_server), ("rknn-toolkit2 (host)", facts.host_toolkit),
             ("rknn-toolkit-lite2", facts.toolkit_lite2), ("onnxruntime", facts.onnxruntime),

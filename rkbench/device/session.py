@@ -1,6 +1,7 @@
-"""The host side of the on-device runner: deploy a configuration's files into the board's
+"""The host side of the on-device runners: deploy a configuration's files into the board's
 content-addressed cache (model, runner bundle, spec file, images, images list: what is there is
-skipped), then run one runner mode at a time and pull its result.
+skipped; for the C++ runner its binary, host-prepared input tensors and, on the emulated board, the
+replay stand-in), then run one runner mode at a time and pull its result.
 
 Retries: a mode whose connection dropped, whose runner was killed by a signal, or whose result came back
 missing or incomplete runs once more, from scratch, into a new result file (a measurement is never
@@ -15,7 +16,7 @@ import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from rkbench.config import NPU_CORES, RunConfig
 from rkbench.data.datasets import Dataset
@@ -82,13 +83,15 @@ def path_groups(files: dict[str, Path], remote_root: str, budget: int = COMMAND_
 class Deployed:
     model: str
     runner: str
-    pythonpath: str            # board dirs of the modules the runner imports flat
-    images: str                # images list: image_id<TAB>path relative to the list
+    pythonpath: str            # board dirs of the modules the runner imports flat ("" for the C++ runner)
+    images: str                # Python: images list (image_id<TAB>path); C++: inputs list (prepared tensors)
     spec: str                  # the run's spec file: inference spec + measure settings
     pushed: int = 0
     skipped: int = 0
     pushed_bytes: int = 0
     seconds: float = 0.0
+    kind: str = "python"       # which runner: python | cpp
+    lib: str = ""              # cpp: the librknnrt to load ("" = the board's own, from the loader's path)
 
 
 def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
@@ -100,35 +103,96 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
     return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
 
 
+@dataclass
+class _Placement:
+    """One configuration's deploy: files placed group by group, board paths and what was pushed collected."""
+
+    transport: Transport
+    root: str
+    started: float = field(default_factory=time.perf_counter)
+    paths: dict[str, str] = field(default_factory=dict)
+    local: dict[str, Path] = field(default_factory=dict)
+    pushed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def place(self, files: dict[str, Path]) -> None:
+        """Files in groups whose `sha256sum` command stays short (path_groups)."""
+        for group in path_groups(files, self.root):
+            report = deploy_with_report(self.transport, group, self.root)
+            self.paths.update(report.paths)
+            self.pushed.extend(report.pushed)
+            self.skipped.extend(report.skipped)
+        self.local.update(files)
+
+    def ref(self, name: str) -> str:
+        """A placed file's path relative to any file in the board cache."""
+        return image_ref(self.root, self.paths[name])
+
+    def deployed(self, **fields: Any) -> Deployed:
+        return Deployed(**fields, pushed=len(self.pushed), skipped=len(self.skipped),
+                        pushed_bytes=sum(self.local[n].stat().st_size for n in self.pushed),
+                        seconds=time.perf_counter() - self.started)
+
+
 def deploy_inputs(transport: Transport, run: RunConfig, model: Path, spec: InferenceSpec, dataset: Dataset,
                   work: Path) -> Deployed:
-    root = run.board.remote_root
-    t0 = time.perf_counter()
-    files: dict[str, Path] = {"model": model, **bundle_files(),
-                              "spec": write_local(work, "spec.json", spec_file(run, spec))}
-    images = {f"image{rec.id}": rec.path for rec in dataset.images}
-    groups = [files] + path_groups(images, root)
-    paths: dict[str, str] = {}
-    pushed: list[str] = []
-    skipped: list[str] = []
-    local = dict(files, **images)
+    """The Python runner: the model, the runner bundle, the spec file, the images and their list."""
+    placing = _Placement(transport, run.board.remote_root)
+    placing.place({"model": model, **bundle_files(), "spec": write_local(work, "spec.json", spec_file(run, spec))})
+    placing.place({f"image{rec.id}": rec.path for rec in dataset.images})
+    listing = "".join(f"{rec.id}\t{placing.ref(f'image{rec.id}')}\n" for rec in dataset.images)
+    placing.place({"images": write_local(work, "images.txt", listing)})
+    paths = placing.paths
+    return placing.deployed(model=paths["model"], runner=paths["runner"],
+                            pythonpath=":".join(dict.fromkeys(posixpath.dirname(p) for k, p in paths.items()
+                                                              if k in bundle_files() and k != "runner")),
+                            images=paths["images"], spec=paths["spec"])
 
-    def place(group: dict[str, Path]) -> None:
-        report = deploy_with_report(transport, group, root)
-        paths.update(report.paths)
-        pushed.extend(report.pushed)
-        skipped.extend(report.skipped)
 
-    for group in groups:
-        place(group)
-    listing = "".join(f"{rec.id}\t{image_ref(root, paths[f'image{rec.id}'])}\n" for rec in dataset.images)
-    local["images"] = write_local(work, "images.txt", listing)
-    place({"images": local["images"]})
-    return Deployed(model=paths["model"], runner=paths["runner"],
-                    pythonpath=":".join(dict.fromkeys(posixpath.dirname(p) for k, p in paths.items()
-                                                      if k in bundle_files() and k != "runner")),
-                    images=paths["images"], spec=paths["spec"], pushed=len(pushed), skipped=len(skipped),
-                    pushed_bytes=sum(local[n].stat().st_size for n in pushed), seconds=time.perf_counter() - t0)
+# `uname -m` on the board -> the C++ runner's build (rkbench.cpp.TARGETS)
+ARCHES = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
+
+
+def cpp_arch(machine: Optional[str], where: str) -> str:
+    if machine not in ARCHES:
+        raise DeviceError(f"the {where}'s machine is {machine or 'unknown (uname -m)'}, and the C++ runner is built for "
+                          f"{', '.join(sorted(set(ARCHES.values())))} only: use runner=python there")
+    return ARCHES[machine]
+
+
+def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: InferenceSpec, dataset: Dataset, work: Path,
+               arch: str, replay_onnx: Optional[Path] = None) -> Deployed:
+    """The C++ runner: its binary for `arch`, the spec file, the .rknn, and the evaluation images letterboxed
+    here into raw tensors with their inputs list. With `replay_onnx` (the emulated board, no NPU) also the
+    replay stand-in librknnrt and the ONNX Runtime outputs of exactly those tensors, which it serves."""
+    from rkbench import cpp
+
+    try:
+        binary = cpp.build(arch, Path(run.cache_dir))
+        standin = cpp.build_standin(arch, Path(run.cache_dir)) if replay_onnx else None
+    except cpp.BuildError as exc:
+        raise DeviceError(f"cannot build the C++ runner: {exc}") from exc
+    listing = "".join(f"{rec.id}\t{rec.path}\n" for rec in dataset.images)
+    folder = work / "cpp" / hashlib.sha256(f"{spec.input_size}\n{listing}".encode()).hexdigest()[:16]
+    inputs, tensors = cpp.prepare_inputs(folder, [(rec.id, str(rec.path)) for rec in dataset.images], spec.input_size)
+
+    placing = _Placement(transport, run.board.remote_root)
+    placing.place({"model": model, "runner": binary, "spec": write_local(work, "spec.json", spec_file(run, spec))})
+    lines = [line.split("\t") for line in inputs.read_text().splitlines()]   # image_id, tensor path, letterbox...
+    placing.place({f"input{f[0]}": inputs.parent / f[1] for f in lines})
+    # the inputs list with board paths: each tensor relative to the list, like images.txt
+    text = "".join("\t".join([f[0], placing.ref(f"input{f[0]}"), *f[2:]]) + "\n" for f in lines)
+    placing.place({"inputs": write_local(work, "inputs.txt", text)})
+    fields = dict(runner=placing.paths["runner"], pythonpath="", images=placing.paths["inputs"],
+                  spec=placing.paths["spec"], kind="cpp", model=placing.paths["model"])
+    if replay_onnx is not None:
+        description = cpp.write_replay(folder / "replay", replay_onnx, tensors)
+        records = {f"record{p.stem}": p for p in sorted(description.parent.glob("*.out"))}
+        placing.place({"standin": standin, **records})
+        text = description.read_text() + "".join(f"record {name[6:]} {placing.ref(name)}\n" for name in records)
+        placing.place({"replay": write_local(work, cpp.REPLAY_MODEL, text)})
+        fields.update(model=placing.paths["replay"], lib=placing.paths["standin"])
+    return placing.deployed(**fields)
 
 
 # ---------------------------------------------------------------------------------------------- run modes
@@ -173,6 +237,10 @@ class BoardSession:
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
         d = self.deployed
+        if d.kind == "cpp":   # latency and eval, both from the prepared inputs
+            args = [d.runner, "--spec", d.spec, "--mode", mode, "--model", d.model, "--out", out, "--where",
+                    self.where, "--inputs", d.images, "--detections", detections]
+            return args + (["--lib", d.lib] if d.lib else [])
         args = ["env", f"PYTHONPATH={d.pythonpath}", self.run.board.python, d.runner, "--spec", d.spec,
                 "--mode", mode, "--model", d.model, "--out", out, "--where", self.where]
         if mode == "eval":
@@ -210,6 +278,9 @@ class BoardSession:
                                   "board.timeout_s or lower measure.iterations/min_seconds/frames") from exc
             raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
         code = result.exit_code
+        if code in (126, 127) and self.deployed.kind == "cpp":
+            raise DeviceError(f"the C++ runner cannot start on the {self.where} (exit {code}): it needs glibc >= 2.17 "
+                              f"(Android boards are not a target yet): use runner=python there")
         if code == 127:
             raise DeviceError(f"{self.run.board.python} (or env) not found on the {self.where}: install python3 "
                               "there or set board.python=/path/to/python3")

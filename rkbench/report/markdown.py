@@ -242,12 +242,26 @@ def _per_class(sel: Selection) -> list[str]:
                   [False] + [True] * len(runs))]
 
 
+# C++ runner part -> the Python runner's part that times the same thing (rknn_run is the engine call)
+CPP_AS_PY = {"run": "infer"}
+
+
+def python_twin(run: RunRecord, runs: list[RunRecord]) -> Optional[RunRecord]:
+    """The runner=python run of the same configuration as a runner=cpp run (a `runner=python,cpp` sweep)."""
+    same = {k: v for k, v in run.params.items() if k != "runner"}
+    return next((o for o in runs if o.param("runner") == "python"
+                 and {k: v for k, v in o.params.items() if k != "runner"} == same), None)
+
+
 def _cpp(sel: Selection) -> list[str]:
-    """Only when a run has C++ runner times (`latency/<where>_cpp_<part>_ms_p50`)."""
+    """Only when a run has C++ runner times (`latency/<where>_cpp_<part>_ms_p50`); the Python times come from the
+    same run or from its runner=python twin."""
     rows = []
     for r in sel.runs:
+        twin = python_twin(r, sel.runs) if r.param("runner") == "cpp" else r
         for found in filter(None, (CPP.fullmatch(m) for m in sorted(r.metrics))):
-            py = r.metrics.get(f"latency/{found['place']}_py_{found['part']}_ms_p50")
+            part = CPP_AS_PY.get(found["part"], found["part"])
+            py = twin.metrics.get(f"latency/{found['place']}_py_{part}_ms_p50") if twin else None
             cpp = r.metrics[found.group(0)]
             rows.append([r.name, found["place"], found["part"], py, cpp, py / cpp if py and cpp else None])
     if not rows:

@@ -254,8 +254,8 @@ def config_label(run: RunRecord, axes: list[str]) -> str:
 
 def latency_stem(run: RunRecord) -> Optional[str]:
     """The run's end-to-end latency at the place it was measured (tag rkbench.device_kind), as
-    `<where>_<part>_ms`: the runner's py_total on a board, else the timed infer call; None without one."""
+    `<where>_<part>_ms`: the runner's py_total or cpp_total on a board, else the timed infer call; None without one."""
     place = run.tags.get("rkbench.device_kind")
-    return next((s for s in (f"{place}_py_total_ms", f"{place}_infer_ms") if f"latency/{s}_p50" in run.metrics),
+    return next((s for s in (f"{place}_py_total_ms", f"{place}_cpp_total_ms", f"{place}_infer_ms") if f"latency/{s}_p50" in run.metrics),
                 None) if place else None
 

@@ -1,9 +1,12 @@
 """Stage: measure on a Rockchip board over adb, or on the emulated board that speaks the same protocol.
 
     probe (doctor facts, tagged on the run; blocking findings stop here with their fix)
-    -> deploy (content-addressed: model, runner bundle, images, images list; what is there is skipped)
-    -> one runner call per measure mode (latency, eval, throughput, tiling): result pulled, checked
-       complete, logged at once through `record`, so a later failure loses nothing already measured
+    -> deploy (content-addressed: model, runner bundle, images, images list; what is there is skipped;
+       runner=cpp: the C++ runner built for the board's machine, the .rknn, tensors letterboxed on the host,
+       and on the emulated board the replay stand-in librknnrt with the ONNX Runtime outputs it serves)
+    -> one runner call per measure mode (latency, eval, throughput, tiling; the C++ runner: latency, eval):
+       result pulled, checked complete, logged at once through `record`, so a later failure loses nothing
+       already measured
     -> optional PC-side rknn-toolkit2 eval_perf / eval_memory (real boards only)
 
 Retries: a mode whose connection dropped, whose runner was killed by a signal, or whose result came back
@@ -28,7 +31,7 @@ from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
 from rkbench.device.adb import AdbTransport
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
-from rkbench.device.session import BoardSession, deploy_inputs
+from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
 from rkbench.device.toolkit_perf import toolkit_perf
 from rkbench.device.transport import Transport
 from rkbench.errors import DeviceError
@@ -40,7 +43,10 @@ log = logging.getLogger("rkbench.board")
 Attach = Callable[[Path, str], None]
 Record = Callable[[dict[str, float], dict[str, str]], None]
 
-PARTS = ("pre", "infer", "post", "total")
+# the timed parts of each runner's latency loop: `latency/<where>_<runner>_<part>_ms_<stat>`
+PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total")}
+CPP_MODES = ("latency", "eval")
+CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
 # One adb transport per board per process: deploy remembers what it placed per transport object, so a
 # sweep checks and pushes each file once.
@@ -59,7 +65,10 @@ def connect(run: RunConfig) -> Transport:
 
 def blocking_findings(facts: BoardFacts, findings: list[Finding], runtime: str) -> list[Finding]:
     """What stops a run with this runtime. ONNX Runtime on the board's CPU does not touch the NPU stack,
-    so SoC, librknnrt and toolkit versions only matter for rknnlite."""
+    so SoC, librknnrt and toolkit versions only matter for rknnlite and the C++ runner (runtime "cpp"), which
+    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt."""
+    if runtime == "cpp":
+        return [] if facts.emulated else [f for f in findings if f.level == "error" and "python3" not in f.what]
     if runtime == "rknnlite":
         found = [f for f in findings if f.level == "error"]
         if facts.python is not None and facts.toolkit_lite2 is None:
@@ -78,12 +87,18 @@ def inspect_board(transport: Transport, run: RunConfig) -> tuple[BoardFacts, dic
     facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root)
     findings = check(facts, expected_soc=run.platform)
     where = "emulator" if facts.emulated else "board"
-    tags = dict(facts.as_tags(), **{"rkbench.device_kind": where, "rkbench.runtime": run.board.runtime})
+    runtime = "librknnrt" if run.runner == "cpp" else run.board.runtime
+    tags = dict(facts.as_tags(), **{"rkbench.device_kind": where, "rkbench.runtime": runtime,
+                                    "rkbench.runner": run.runner})
+    if run.runner == "cpp":
+        tags["rkbench.cpp_engine"] = (CPP_REPLAY if facts.emulated else
+                                      f"librknnrt {facts.librknnrt_build or '(version unknown)'} from the loader's path")
     if findings:
         tags["board.findings"] = "; ".join(f"{f.level}: {f.what}" for f in findings)
-    blocking = blocking_findings(facts, findings, run.board.runtime)
+    setting = "runner=cpp" if run.runner == "cpp" else f"board.runtime={run.board.runtime}"
+    blocking = blocking_findings(facts, findings, "cpp" if run.runner == "cpp" else run.board.runtime)
     if blocking:
-        raise DeviceError(f"{transport.describe()} cannot run board.runtime={run.board.runtime}: "
+        raise DeviceError(f"{transport.describe()} cannot run {setting}: "
                           + "; ".join(f"{f.what} (fix: {f.fix})" for f in blocking))
     return facts, tags
 
@@ -108,11 +123,11 @@ def _system_metrics(result: dict[str, Any], mode: str, where: str) -> dict[str, 
     return out
 
 
-def _part_metrics(section: dict[str, Any], where: str, group: str = "latency") -> dict[str, float]:
-    """The runner's per-part timings (pre / infer / post / total) as `<group>/<where>_py_<part>_ms_<stat>`."""
+def _part_metrics(section: dict[str, Any], where: str, group: str = "latency", runner: str = "py") -> dict[str, float]:
+    """The runner's per-part timings as `<group>/<where>_<runner>_<part>_ms_<stat>` (PARTS)."""
     out: dict[str, float] = {}
-    for part in PARTS:
-        named = M.latency_stats(where, f"py_{part}", section[part])
+    for part in PARTS[runner]:
+        named = M.latency_stats(where, f"{runner}_{part}", section[part])
         out.update({f"{group}/{k.split('/', 1)[1]}": v for k, v in named.items()})
     return out
 
@@ -120,7 +135,11 @@ def _part_metrics(section: dict[str, Any], where: str, group: str = "latency") -
 def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, float]:
     """Metrics of one timing mode's result (eval is scored separately)."""
     out: dict[str, float] = {}
-    if mode == "latency":
+    if mode == "latency" and runner_of(result) == "cpp":
+        lat = result["latency"]
+        out.update(_part_metrics(lat, where, runner="cpp"))
+        out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+    elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))
         out[f"throughput/{where}_single_fps"] = float(lat["fps"])
@@ -148,8 +167,9 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     m = run.measure
     if mode == "latency":
         lat = result["latency"]
+        parts = "/".join(p for p in PARTS[runner_of(result)] if p != "total")
         return (f"latency: {lat['warmup']} warmup + {lat['iterations']} timed iterations of batch {lat['batch']} in "
-                f"{lat['timed_s']:.2f} s (asked >= {m.iterations} and >= {m.min_seconds:g} s), pre/infer/post timed "
+                f"{lat['timed_s']:.2f} s (asked >= {m.iterations} and >= {m.min_seconds:g} s), {parts} timed "
                 f"apart, {lat['source']}")
     if mode == "eval":
         ev = result["eval"]
@@ -164,8 +184,17 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
 
 
+def runner_of(result: dict[str, Any]) -> str:
+    """"cpp" for a C++ runner result (its header says so), else "py"."""
+    return "cpp" if result.get("runner") == "cpp" else "py"
+
+
 def describe_runner(result: dict[str, Any], where: str) -> str:
     v = result.get("versions") or {}
+    if runner_of(result) == "cpp":
+        note = ("; replayed ONNX Runtime outputs recorded on the host: the stand-in's times on the host CPU, not NPU "
+                "latency") if result.get("replayed") else ""
+        return f"{where}: C++ runner {v.get('runner', '?')} on {v.get('librknnrt', '?')} (driver {v.get('driver', '?')}){note}"
     runtime = (result.get("runtime") or {}).get("version", "?")
     note = "; ONNX Runtime on the host CPU, not NPU latency" if where == "emulator" else ""
     return (f"{where}: {runtime} via runner {v.get('runner', '?')} on Python {v.get('python', '?')} "
@@ -173,6 +202,23 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+
+def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
+    """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
+    C++ runner does latency and eval; the rest of a runner=python,cpp sweep still runs on the Python side."""
+    if run.runner != "cpp":
+        return list(run.measure.modes), []
+    modes = [m for m in run.measure.modes if m in CPP_MODES]
+    left = [m for m in run.measure.modes if m not in CPP_MODES]
+    if not modes:
+        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner (latency, eval): add "
+                          "latency or eval, or use runner=python")
+    if not left:
+        return modes, []
+    note = f"{', '.join(left)}: not run, the C++ runner does latency and eval only (runner=python measures them)"
+    log.warning(note)
+    return modes, [note]
+
 
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
@@ -187,11 +233,18 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     record({}, tags)
     metrics: dict[str, float] = {}
 
-    model = rknn_art.path if run.board.runtime == "rknnlite" else onnx.path
-    spec = inference_spec(run, onnx.info, dataset, run.board.runtime)
-    log.info("deploying %s, the runner and %d images to the %s (files already there are skipped)", model.name,
-             len(dataset.images), where)
-    deployed = deploy_inputs(transport, run, model, spec, dataset, cache_root / "board" / "inputs")
+    modes, skipped = runner_modes(run)
+    uses_rknn = run.board.runtime == "rknnlite" or run.runner == "cpp"
+    model = rknn_art.path if uses_rknn else onnx.path
+    spec = inference_spec(run, onnx.info, dataset, "rknnlite" if uses_rknn else run.board.runtime)
+    log.info("deploying %s, the %s runner and %d images to the %s (files already there are skipped)", model.name,
+             run.runner, len(dataset.images), where)
+    work = cache_root / "board" / "inputs"
+    if run.runner == "cpp":   # the emulated board has no NPU: the stand-in serves ONNX Runtime outputs of the inputs
+        deployed = deploy_cpp(transport, run, model, spec, dataset, work, cpp_arch(facts.machine, where),
+                              replay_onnx=onnx.path if facts.emulated else None)
+    else:
+        deployed = deploy_inputs(transport, run, model, spec, dataset, work)
     deploy_metrics = {"deploy/pushed": float(deployed.pushed), "deploy/skipped": float(deployed.skipped),
                       "deploy/pushed_mib": deployed.pushed_bytes / 2**20, "deploy/seconds": deployed.seconds}
     metrics.update(deploy_metrics)
@@ -208,8 +261,8 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
                           "set board.remote_root to a writable directory such as /data/local/tmp/rkbench")
 
     how: list[str] = []
-    for mode in run.measure.modes:
-        log.info("measuring %s on the %s with %s", mode, where, run.board.runtime)
+    for mode in modes:
+        log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
         result = session.run_mode(mode)
         attach(session.local_dir / f"{mode}.json", "board")
         if mode == "eval":
@@ -223,7 +276,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
         retried = " (second attempt)" if session.attempts[mode] > 1 else ""
         how.append(describe_mode(mode, result, run) + retried)
         metrics.update(found)
-        tags["rkbench.measure"] = " | ".join(how)
+        tags["rkbench.measure"] = " | ".join(how + skipped)
         record(found, {"rkbench.measure": tags["rkbench.measure"]})
     session.cleanup()
 

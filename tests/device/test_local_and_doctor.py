@@ -136,7 +136,7 @@ def test_check_expected_soc() -> None:
 def test_parse_probe_android_style_output() -> None:
     output = "\n".join([
         "compatible=rockchip,rk3566-box-demo;rockchip,rk3566;",
-        "kernel=5.10.110", "npu_driver=RKNPU driver: v0.8.2",
+        "kernel=5.10.110", "machine=aarch64", "npu_driver=RKNPU driver: v0.8.2",
         "librknnrt_path=/vendor/lib64/librknnrt.so",
         "librknnrt=librknnrt version: 1.4.0 (a10f100eb@2022-09-09T09:07:14)",
         "dmc=0", "cpu.policy0=1992000 interactive",
@@ -144,6 +144,7 @@ def test_parse_probe_android_style_output() -> None:
     ])
     facts = doctor.parse_probe(output, "adb:x", "/data/local/tmp/rkbench", "2.5.0")
     assert facts.soc == "rk3566" and facts.npu_driver == "0.8.2" and facts.librknnrt == "1.4.0"
+    assert facts.machine == "aarch64" and facts.as_tags()["board.machine"] == "aarch64"
     assert facts.cpu_freq_khz == {"policy0": 1992000} and facts.cpu_governor == {"policy0": "interactive"}
     assert facts.free_mib == pytest.approx(20000000 / 1024)
     assert facts.python is None and facts.rknn_server is None

@@ -217,6 +217,65 @@ def test_a_runner_that_never_answers_times_out_without_retry(first_run, workdir,
     assert quiet_board.fired["hang_shell"] == 1
 
 
+@pytest.fixture(scope="module")
+def runners_sweep(workdir: Path, adb_server, emulated_board: EmulatedBoard) -> dict:
+    """`runner=python,cpp` on the emulated board: the Python runner with ONNX Runtime, the C++ runner on the
+    .rknn with the replay stand-in in place of librknnrt. Throughput is asked too: only Python measures it."""
+    emulated_board.faults = FaultPlan()
+    argv = ["-m"] + common(workdir, emulated_board, adb_server.port) + [
+        f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        assert main(argv) == 0
+    parent = runs(workdir, "sweep")[-1]
+    return {r.data.params["runner"]: r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
+    assert sorted(runners_sweep) == ["cpp", "python"]
+    py, cpp = runners_sweep["python"], runners_sweep["cpp"]
+    assert py.info.status == cpp.info.status == "FINISHED"
+    assert py.data.tags["rkbench.identity"] != cpp.data.tags["rkbench.identity"]
+    for part in ("pre", "infer", "post", "total"):
+        assert f"latency/emulator_py_{part}_ms_p50" in py.data.metrics
+    for part in ("inputs_set", "run", "outputs_get", "total"):
+        for stat in ("p50", "p90", "p99", "mean", "min"):
+            assert f"latency/emulator_cpp_{part}_ms_{stat}" in cpp.data.metrics, (part, stat)
+    assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0
+    assert not any("_py_" in k for k in cpp.data.metrics) and not any("_cpp_" in k for k in py.data.metrics)
+    # the same host scoring of the same model outputs: the same mAP
+    assert cpp.data.metrics["eval/map50_95"] == pytest.approx(py.data.metrics["eval/map50_95"], abs=0.001)
+    # what stood in for the NPU, said on the run
+    tags = cpp.data.tags
+    assert tags["rkbench.runner"] == "cpp" and tags["rkbench.runtime"] == "librknnrt"
+    assert tags["rkbench.cpp_engine"].startswith("replay stand-in (ONNX Runtime outputs recorded on the host")
+    assert "not librknnrt" in tags["rkbench.cpp_engine"] and "not NPU latency" in tags["rkbench.measure"]
+    assert "throughput: not run, the C++ runner does latency and eval only" in tags["rkbench.measure"]
+    assert "throughput/emulator_fps" in py.data.metrics and "throughput/emulator_fps" not in cpp.data.metrics
+    assert py.data.tags["rkbench.runner"] == "python" and "rkbench.cpp_engine" not in py.data.tags
+    latency = artifact_json(workdir, cpp.info.run_id, "board/latency.json", tmp_path)
+    assert latency["runner"] == "cpp" and latency["replayed"] is True and latency["where"] == "emulator"
+
+
+def test_cpp_runner_without_librknnrt_fails_in_one_line(runners_sweep, workdir, adb_server, quiet_board, monkeypatch):
+    command = session.BoardSession.command
+
+    def lib_missing(self, mode, out, detections):   # as on a board whose librknnrt is not where --lib says
+        args = command(self, mode, out, detections)
+        return args[:-1] + ["/data/local/tmp/rkbench/nowhere/librknnrt.so"] if "--lib" in args else args
+
+    monkeypatch.setattr(session.BoardSession, "command", lib_missing)
+    argv = common(workdir, quiet_board, adb_server.port) + [f"resolution={RESOLUTION}", "runner=cpp",
+                                                            "measure.modes=[latency]", *SMALL, "resume=false"]
+    assert main(argv) == 1
+    run = newest(workdir)
+    error = run.data.tags["rkbench.error"]
+    assert run.info.status == "FAILED" and "\n" not in error
+    assert "cannot load /data/local/tmp/rkbench/nowhere/librknnrt.so" in error
+    assert "install librknnrt.so on the board" in error
+    assert run.data.tags["rkbench.cpp_engine"].startswith("replay stand-in")     # recorded before the failure
+
+
 def test_doctor_takes_the_sweeps_board_settings(adb_server, quiet_board, capsys):
     code = main(["doctor", f"board.address={quiet_board.serial}", f"board.adb_port={adb_server.port}", "platform=rk3588"])
     out = capsys.readouterr().out

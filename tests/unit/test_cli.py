@@ -37,7 +37,10 @@ def test_help_is_rkbenchs_own_and_lists_every_axis_from_the_schema(capsys, monke
         assert all(v in out for v in values), values
     # where each axis applies comes from rkbench.spec.APPLIES
     assert "target=board board.runtime=rknnlite" in axis_line(out, "core_mask")
-    assert axis_line(out, "algo").endswith("target=simulator, target=board board.runtime=rknnlite with quantize=true")
+    assert axis_line(out, "algo").endswith(
+        "target=simulator, target=board board.runtime=rknnlite or runner=cpp with quantize=true")
+    assert axis_line(out, "runner").endswith("target=board")
+    assert axis_line(out, "board.runtime").endswith("target=board runner=python")
     assert axis_line(out, "resolution").endswith("every target")
     assert axis_line(out, "measure.modes").endswith("target=board")
     assert "+experiment=calibration|card|heads" in out

@@ -241,6 +241,38 @@ def test_spec_the_runner_cannot_honour(x86, case, tmp_path: Path) -> None:
     assert done.returncode == 1 and "unknown inference spec key colour" in done.stderr
 
 
+def test_record_lines_find_outputs_in_other_folders(x86, case, tmp_path: Path) -> None:
+    """As the board deploy lays them out: each recorded output in its own folder, named by `record` lines."""
+    runner, lib = x86
+    lines = [ln for ln in case["replay"].read_text().splitlines()]
+    for k, out in enumerate(sorted(case["replay"].parent.glob("*.out"))):
+        (tmp_path / f"c{k}").mkdir()
+        shutil.copy(out, tmp_path / f"c{k}" / out.name)
+        lines.append(f"record {out.stem} ../c{k}/{out.name}")
+    (tmp_path / "desc").mkdir()
+    model = tmp_path / "desc" / cpp.REPLAY_MODEL
+    model.write_text("\n".join(lines) + "\n")
+    spec = _spec()
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", model, tmp_path / "eval.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
+                            _python_detections(case, spec))
+
+
+def test_null_mode_serves_zeros_for_any_input(x86, case, tmp_path: Path) -> None:
+    runner, lib = x86
+    shapes = [ln.split()[3:3 + int(ln.split()[2])] for ln in case["replay"].read_text().splitlines()
+              if ln.startswith("output")]
+    model = cpp.write_null_replay(tmp_path / "null", SIZE, [list(map(int, s)) for s in shapes])
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(SIZE * SIZE * 3))  # never recorded: null mode does not look
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec()), "latency", model,
+                        tmp_path / "r.json", "--input", str(other))
+    assert done.returncode == 0, done.stderr
+    assert "NULL mode" in result["versions"]["librknnrt"] and result["latency"]["iterations"] >= 3
+
+
 # ----------------------------------------------------------------------------------------- aarch64
 
 def _qemu() -> tuple:
@@ -273,3 +305,13 @@ def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: 
     assert Path(capsys.readouterr().out.strip()) == x86[0]  # same sources and target: the cached copy
     assert cpp.main(["build", "--arch", "x86_64", "--stand-in", "--cache", str(build_cache)]) == 0
     assert Path(capsys.readouterr().out.strip()) == x86[1]
+
+
+def test_rkbench_runner_build_routes_to_the_cpp_build(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    from rkbench.__main__ import main
+
+    assert main(["runner", "build", "--arch", "x86_64", "--cache", str(build_cache)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == x86[0]
+    with pytest.raises(SystemExit):
+        main(["runner", "build", "--arch", "mips"])
+    assert "python -m rkbench runner build: error: argument --arch" in capsys.readouterr().err

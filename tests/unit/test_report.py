@@ -387,6 +387,21 @@ def test_python_vs_cpp_table_only_with_cpp_times(board_report, report):
     assert "Python vs C++" not in report.read_text()
 
 
+def test_python_vs_cpp_pairs_the_runs_of_a_runner_sweep(store, tmp_path):
+    """`runner=python,cpp`: one run per runner; the C++ run's times beside its Python twin's."""
+    tracker = Tracker(store.uri, "runners")
+    sweep = tracker.client.create_run(tracker.experiment_id, start_time=T0, tags={
+        "rkbench.kind": "sweep", "mlflow.runName": "runners", "rkbench.swept": "runner"}).info.run_id
+    common = {"rkbench.device_kind": "board"}
+    _child(tracker, sweep, "py", T0 + 1, {"runner": "python"}, {"latency/board_py_infer_ms_p50": 6.0,
+                                                               "latency/board_py_total_ms_p50": 9.0}, common, "FINISHED")
+    _child(tracker, sweep, "cpp", T0 + 2, {"runner": "cpp"}, {"latency/board_cpp_run_ms_p50": 5.0,
+                                                             "latency/board_cpp_total_ms_p50": 4.5}, common, "FINISHED")
+    text = build_report(store.uri, "runners", tmp_path).read_text()
+    table = md_tables(text)["Python vs C++ latency"]
+    assert ["cpp", "board", "run", "6", "5", "1.2"] in table and ["cpp", "board", "total", "9", "4.5", "2"] in table
+
+
 def test_board_clock_not_pinned_is_invalid_and_board_plots_have_no_caveat(board_report):
     text = board_report.read_text()
     details = {tuple(r[:2]): r for r in md_tables(text)["Latency details"][1:]}

@@ -38,6 +38,19 @@ def test_axes_without_effect_collapse_and_say_why():
     assert onnx_board.config.core_mask == "auto" and "board.runtime=onnxruntime" in onnx_board.collapsed["core_mask"]
 
 
+def test_runner_applies_only_to_a_board_and_cpp_runs_the_rknn(dataset):
+    sim = plan(RunConfig(runner="cpp"))
+    assert sim.config.runner == "python" and "only the board runner uses it (target=simulator)" in sim.collapsed["runner"]
+    assert key(RunConfig(runner="cpp"), dataset) == key(RunConfig(), dataset)
+    board = BoardConfig(address="1.2.3.4:5555", runtime="onnxruntime")
+    cpp = plan(RunConfig(target="board", runner="cpp", board=board, core_mask="1", quantize=False))
+    # the C++ runner drives librknnrt: the .rknn's axes apply, the Python runner's runtime does not
+    assert cpp.config.runner == "cpp" and cpp.config.core_mask == "1" and cpp.config.quantize is False
+    assert cpp.config.board.runtime == "rknnlite" and "runner=cpp" in cpp.collapsed["board.runtime"]
+    python = RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555"))
+    assert key(python, dataset) != key(replace(python, runner="cpp"), dataset)
+
+
 def test_identity_ignores_where_results_go_and_collapsed_axes(dataset):
     base = RunConfig()
     assert key(base, dataset) == key(replace(base, tracking=TrackingConfig(uri="sqlite:///elsewhere.db"),
