@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rkbench import tables
 from rkbench.device.adb import AdbTransport
 from rkbench.device.transport import Transport
 from rkbench.errors import DeviceError
@@ -273,8 +274,8 @@ def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
                               for p, f in sorted(facts.cpu_freq_khz.items()))),
             ("npu load", facts.npu_load),
             ("free", facts.free_mib is not None and f"{facts.free_mib:.0f} MiB under {facts.remote_root}")]
-    width = max(len(k) for k, _ in rows)
-    lines = ["Board facts"] + [f"  {k.ljust(width)}  {v if v else '-'}" for k, v in rows]
+    lines = ["Board facts"] + ["  " + line for line in tables.text(["fact", "value"], [[k, v or "-"] for k, v in rows])
+                               .splitlines()]
     lines.append("Findings" if findings else "Findings: none")
     for f in sorted(findings, key=lambda f: ("error", "warning", "info").index(f.level)):
         lines.append(f"  {f.level.upper():7s} {f.what}\n          fix: {f.fix}")
