@@ -12,6 +12,7 @@ are routed before the pipeline is imported, so `report` does not pay for torch a
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C: one line, not Python's traceback through Hydra and the toolkit
         print(interrupted(argv, exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0), file=sys.stderr)
         return 130             # the shell's code for "ended by SIGINT"
+    except BrokenPipeError:    # `python -m rkbench --help | head`: the reader left early, nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes
+        return 0
 
 
 def interrupted(argv: list[str], done: int) -> str:
