@@ -507,7 +507,8 @@ std::vector<uint8_t> read_tensor(const std::string &path, size_t bytes) {
 struct Args { std::map<std::string, std::string> kv; std::string get(const std::string &k, const std::string &d = "") const {
     auto it = kv.find(k); return it == kv.end() ? d : it->second; } };
 
-std::string run_latency(Model &m, const Spec &s, const Args &a) {
+// init_ms: rknn_init (+ core mask) and rknn_query of the attrs and version, timed once per run in main.
+std::string run_latency(Model &m, const Spec &s, const Args &a, double init_ms) {
     std::string input = a.get("input");
     if (input.empty() && !a.get("inputs").empty()) input = read_inputs(a.get("inputs"))[0].path;
     if (input.empty()) throw Error("--mode latency needs --input TENSOR or --inputs FILE: pass a pre-processed input");
@@ -529,7 +530,8 @@ std::string run_latency(Model &m, const Spec &s, const Args &a) {
     for (auto &p : ms) for (double v : p) busy += v;
     return "{\"unit\": \"ms\", \"per\": \"iteration of batch 1\", \"batch\": 1, \"warmup\": " + num(s.warmup) +
            ", \"iterations\": " + num(ms[0].size()) + ", \"timed_s\": " + num(timed) + ", \"source\": " + quote(input) +
-           ", \"fps\": " + num(ms[0].size() / (busy / 1e3)) + ", " + parts_json({"inputs_set", "run", "outputs_get"}, ms) + "}";
+           ", \"fps\": " + num(ms[0].size() / (busy / 1e3)) + ", \"init\": {\"ms\": " + num(init_ms) +
+           ", \"covers\": \"rknn_init, rknn_set_core_mask, rknn_query of the attrs, once per run\"}, " + parts_json({"inputs_set", "run", "outputs_get"}, ms) + "}";
 }
 
 std::string run_eval(Model &m, const Spec &s, const Args &a, const std::string &det_path) {
@@ -623,11 +625,13 @@ int main(int argc, char **argv) {
         std::string outputs = a.get("outputs", "float");
         if (outputs != "float" && outputs != "int8") throw Error("--outputs " + outputs + ": use float or int8");
         Rknn api(lib);
+        auto init_start = Clock::now();
         Model m(api, a.get("model"), s.core_mask, outputs == "float");
+        double init_ms = ms_since(init_start);
         std::string api_v = m.version.api_version, drv_v = m.version.drv_version;
         bool replayed = api_v.find(STANDIN_MARK) != std::string::npos;
         std::string det_path = a.get("detections", out.substr(0, out.rfind('.') == std::string::npos ? out.size() : out.rfind('.')) + ".detections.json");
-        std::string body = mode == "latency" ? run_latency(m, s, a) : run_eval(m, s, a, det_path);
+        std::string body = mode == "latency" ? run_latency(m, s, a, init_ms) : run_eval(m, s, a, det_path);
         std::string text = header + ", \"versions\": {\"runner\": " + quote(RUNNER_VERSION) + ", \"librknnrt\": " + quote(api_v) +
                            ", \"driver\": " + quote(drv_v) + "}, \"replayed\": " + (replayed ? "true" : "false") +
                            ", \"spec\": " + s.inference_json + ", \"runtime\": {\"kind\": \"librknnrt\", \"lib\": " + quote(lib) +

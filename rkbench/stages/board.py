@@ -139,6 +139,7 @@ def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, flo
         lat = result["latency"]
         out.update(_part_metrics(lat, where, runner="cpp"))
         out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+        out[f"latency/{where}_cpp_init_ms"] = float(lat["init"]["ms"])   # rknn_init + queries, once per run
     elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))

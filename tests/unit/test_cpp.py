@@ -201,6 +201,19 @@ def test_latency_result(x86, case, tmp_path: Path) -> None:
         assert lat[part]["count"] == lat["iterations"] and 0 <= lat[part]["min"] <= lat[part]["p50"] <= lat[part]["p99"]
     assert len(lat["samples_ms"]["run"]) == lat["iterations"]
     assert result["runtime"]["driver"] == "none (replay)"
+    assert lat["init"]["ms"] >= 0 and "rknn_init" in lat["init"]["covers"]
+
+
+def test_latency_metrics_carry_the_init_time(x86, case, tmp_path: Path) -> None:
+    from rkbench.stages.board import mode_metrics
+
+    runner, lib = x86
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec()), "latency", case["replay"],
+                        tmp_path / "lat.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    metrics = mode_metrics("latency", result, "emulator")
+    assert metrics["latency/emulator_cpp_init_ms"] == result["latency"]["init"]["ms"]
+    assert not [k for k in metrics if k.startswith("latency/emulator_cpp_init_ms_")]  # one value, no stats
 
 
 def test_missing_library_is_one_clear_line(x86, case, tmp_path: Path) -> None:
