@@ -3,7 +3,8 @@
 //
 //   rkbench_runner --spec spec.json --mode latency|eval --model m.rknn --out result.json
 //                  [--lib librknnrt.so] [--inputs inputs.txt] [--input tensor.bin] [--detections d.json]
-//                  [--outputs float|int8] [--where board] [--warmup N] [--iterations N] [--min-seconds S]
+//                  [--where board] [--warmup N] [--iterations N] [--min-seconds S]
+// The spec's "measure" section also says how to take the outputs: outputs float|int8 (default float).
 //
 // librknnrt is opened at run time (dlopen), so one binary runs against any runtime version, or against
 // rkbench's replay stand-in (cpp/fake_librknnrt.c) on a machine without an NPU.
@@ -159,6 +160,7 @@ struct Spec {
     double conf = 0.001, iou = 0.7;
     int warmup = 5, iterations = 50;
     double min_seconds = 2.0;
+    std::string outputs = "float";  // measure.outputs: float (the library dequantises) | int8 (the runner does)
     std::string inference_json;  // echoed into the result as read
 };
 
@@ -166,7 +168,7 @@ struct Spec {
 const char *INFERENCE_KEYS[] = {"input_size", "head", "num_classes", "category_ids", "reg_max", "anchors", "batch",
                                 "conf", "iou", "max_det", "runtime", "core_mask", "threads", "mean", "std", "version"};
 const char *MEASURE_KEYS[] = {"warmup", "iterations", "min_seconds", "frames", "cores", "frame_size", "overlap",
-                              "sample_interval"};
+                              "sample_interval", "outputs"};
 
 std::string dump(const Json &v) {
     switch (v.kind) {
@@ -238,6 +240,9 @@ Spec load_spec(const std::string &path) {
         s.warmup = (int)number(*m, "warmup", s.warmup, false);
         s.iterations = (int)number(*m, "iterations", s.iterations, false);
         s.min_seconds = number(*m, "min_seconds", s.min_seconds, false);
+        if (const Json *o = m->get("outputs")) s.outputs = o->kind == Json::Str ? o->str : "?";
+        if (s.outputs != "float" && s.outputs != "int8")
+            throw Error("measure setting outputs=" + s.outputs + " unknown: use float or int8 (config measure.cpp_outputs)");
     }
     s.inference_json = dump(*inf);
     return s;
@@ -338,7 +343,7 @@ struct Model {
             const int8_t *q = static_cast<const int8_t *>(got[k].buf);
             for (uint32_t e = 0; e < a.n_elems; e++) v[e] = ((float)q[e] - (float)a.zp) * a.scale;
         } else {
-            throw Error("output " + std::to_string(k) + " has tensor type " + std::to_string(a.type) + ": use --outputs float");
+            throw Error("output " + std::to_string(k) + " has tensor type " + std::to_string(a.type) + ": use measure.cpp_outputs=float");
         }
         return v;
     }
@@ -595,7 +600,7 @@ std::string now_text() {
 
 int main(int argc, char **argv) {
     Args a;
-    const char *flags[] = {"spec", "mode", "model", "out", "lib", "where", "inputs", "input", "detections", "outputs",
+    const char *flags[] = {"spec", "mode", "model", "out", "lib", "where", "inputs", "input", "detections",
                            "warmup", "iterations", "min-seconds"};
     for (int k = 1; k < argc; k++) {
         std::string f = argv[k];
@@ -622,8 +627,7 @@ int main(int argc, char **argv) {
         if (!a.get("iterations").empty()) s.iterations = std::atoi(a.get("iterations").c_str());
         if (!a.get("min-seconds").empty()) s.min_seconds = std::atof(a.get("min-seconds").c_str());
         if (s.warmup < 0 || s.iterations < 1) throw Error("warmup must be >= 0 and iterations >= 1");
-        std::string outputs = a.get("outputs", "float");
-        if (outputs != "float" && outputs != "int8") throw Error("--outputs " + outputs + ": use float or int8");
+        std::string outputs = s.outputs;
         Rknn api(lib);
         auto init_start = Clock::now();
         Model m(api, a.get("model"), s.core_mask, outputs == "float");

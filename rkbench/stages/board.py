@@ -171,10 +171,11 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
         parts = "/".join(p for p in PARTS[runner_of(result)] if p != "total")
         return (f"latency: {lat['warmup']} warmup + {lat['iterations']} timed iterations of batch {lat['batch']} in "
                 f"{lat['timed_s']:.2f} s (asked >= {m.iterations} and >= {m.min_seconds:g} s), {parts} timed "
-                f"apart, {lat['source']}")
+                f"apart, {lat['source']}{_cpp_settings(result)}")
     if mode == "eval":
         ev = result["eval"]
-        return f"eval: {ev['images']} images in batches of {ev['batch']}, {ev['detections']} detections"
+        return (f"eval: {ev['images']} images in batches of {ev['batch']}, {ev['detections']} detections"
+                f"{_cpp_settings(result)}")
     if mode == "throughput":
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
@@ -183,6 +184,13 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     tl = result["tiling"]
     return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
+
+
+def _cpp_settings(result: dict[str, Any]) -> str:
+    """The C++ runner's measure settings as it reports them ("" for the Python runner)."""
+    if runner_of(result) != "cpp":
+        return ""
+    return f", outputs {(result.get('runtime') or {}).get('outputs', '?')}"
 
 
 def runner_of(result: dict[str, Any]) -> str:

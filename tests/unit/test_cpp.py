@@ -182,12 +182,22 @@ def test_eval_int8_outputs_dequantised(x86, case, tmp_path: Path) -> None:
     lines = [ln.replace("float32 nchw 0 0", "int8 nchw 0 0.08") if ln.startswith("output") else ln for ln in lines]
     (replay / cpp.REPLAY_MODEL).write_text("\n".join(lines) + "\n")
     inputs = replay / "inputs.txt"
-    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(0.3)), "eval", replay / cpp.REPLAY_MODEL,
-                        tmp_path / "eval.json", "--inputs", str(inputs), "--outputs", "int8")
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(0.3), outputs="int8"), "eval",
+                        replay / cpp.REPLAY_MODEL, tmp_path / "eval.json", "--inputs", str(inputs))
     assert done.returncode == 0, done.stderr
     assert result["runtime"]["outputs"] == "int8"
     dets = json.loads(Path(result["eval"]["detections_file"]).read_text())
     assert dets and {d["category_id"] for d in dets} <= {1, 3, 7}
+    from rkbench.config import RunConfig
+    from rkbench.stages.board import describe_mode
+
+    assert describe_mode("eval", result, RunConfig()).endswith(", outputs int8")   # in rkbench.measure
+    # an outputs setting the runner does not know: one line naming the config key
+    done, result = _run(runner, lib, _write_spec(tmp_path / "bad.json", _spec(), outputs="int4"), "eval",
+                        replay / cpp.REPLAY_MODEL, tmp_path / "bad_eval.json", "--inputs", str(inputs))
+    assert done.returncode == 1 and result["complete"] is False
+    assert done.stderr.strip().splitlines()[-1] == ("runner: error: measure setting outputs=int4 unknown: use float "
+                                                    "or int8 (config measure.cpp_outputs)")
 
 
 def test_latency_result(x86, case, tmp_path: Path) -> None:
