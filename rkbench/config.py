@@ -93,6 +93,7 @@ class MeasureConfig:
     tile_overlap: float = 0.2
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
+    cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
 
 
 @dataclass

@@ -65,7 +65,10 @@ def test_cpp_measure_settings_apply_only_to_the_cpp_runner_on_a_board(dataset):
     assert key(cpp.config, dataset) != key(replace(cpp.config, measure=MeasureConfig()), dataset)
     spec = inference_spec(cpp.config, {"imgsz": 64, "head": "rknn", "num_classes": len(dataset.category_ids)}, dataset,
                           "rknnlite")
-    assert json.loads(spec_file(cpp.config, spec))["measure"]["outputs"] == "int8"
+    measure = json.loads(spec_file(cpp.config, spec))["measure"]
+    assert measure["outputs"] == "int8" and measure["zero_copy"] is False
+    zero_copy = plan(RunConfig(target="board", board=board, measure=MeasureConfig(cpp_zero_copy=True)))
+    assert zero_copy.config.measure.cpp_zero_copy is False and "measure.cpp_zero_copy" in zero_copy.collapsed
     assert "outputs" not in json.loads(spec_file(python.config, spec))["measure"]   # the Python runner's file as before
 
 
