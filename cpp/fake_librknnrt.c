@@ -5,6 +5,8 @@
  * by the FNV-1a 64 hash of the input bytes. rknn_inputs_set hashes the bytes it gets, rknn_run loads the
  * matching outputs (an input never recorded fails with RKNN_ERR_INPUT_INVALID), rknn_outputs_get hands
  * them out (float32, or quantised with the attr's zero point and scale when want_float is 0).
+ * Zero-copy: memory bound with rknn_set_io_mem replaces both; rknn_run hashes the input memory and writes
+ * each bound output memory (float32 where the attr given to rknn_set_io_mem says FLOAT32, else quantised).
  *
  * Replay folder: model.replay (the "model" passed to rknn_init by path, size 0) describes the tensors:
  *   rkbench-replay 1
@@ -44,6 +46,7 @@ typedef struct {
     int have_outputs;
     float *values;            /* all outputs, float32, in order */
     rknn_tensor_mem *in_mem, *out_mem[MAX_TENSORS];
+    rknn_tensor_type out_mem_type[MAX_TENSORS];  /* what rknn_set_io_mem asked for: float32, or the output's int8 */
     record *records;          /* from `record` lines; none: <folder>/<hash>.out */
     size_t n_records;
     int null_mode;            /* a `null` line: zeros, no hashing */
@@ -181,6 +184,14 @@ int rknn_inputs_set(rknn_context ctx, uint32_t n_inputs, rknn_input inputs[]) {
     return RKNN_SUCC;
 }
 
+/* int8, as the NPU hands out a quantised output: q = round(x / scale) + zp, clamped */
+static void quantise(int8_t *q, const float *src, const rknn_tensor_attr *a) {
+    for (uint32_t e = 0; e < a->n_elems; e++) {
+        float v = roundf(src[e] / a->scale) + (float)a->zp;
+        q[e] = (int8_t)(v < -128.f ? -128.f : v > 127.f ? 127.f : v);
+    }
+}
+
 static size_t total_elems(const standin *s) {
     size_t n = 0;
     for (uint32_t i = 0; i < s->n_out; i++) n += s->out[i].n_elems;
@@ -229,10 +240,19 @@ int rknn_run(rknn_context ctx, rknn_run_extend *ext) {
         s->have_outputs = 1;
     }
     size_t at = 0;
-    for (uint32_t i = 0; i < s->n_out; i++) {  /* zero-copy outputs: float32 copies */
-        if (s->out_mem[i] && s->out_mem[i]->size >= s->out[i].n_elems * 4)
-            memcpy(s->out_mem[i]->virt_addr, s->values + at, s->out[i].n_elems * 4);
-        at += s->out[i].n_elems;
+    for (uint32_t i = 0; i < s->n_out; i++) {  /* zero-copy outputs: written into their memory as bound */
+        const rknn_tensor_attr *a = &s->out[i];
+        rknn_tensor_mem *m = s->out_mem[i];
+        if (m) {
+            int as_float = s->out_mem_type[i] == RKNN_TENSOR_FLOAT32;
+            if (m->size < a->n_elems * (as_float ? 4u : 1u)) {
+                fprintf(stderr, "replay stand-in: output memory %u holds %u bytes, too small\n", i, m->size);
+                return RKNN_ERR_PARAM_INVALID;
+            }
+            if (as_float) memcpy(m->virt_addr, s->values + at, a->n_elems * 4);
+            else quantise((int8_t *)m->virt_addr, s->values + at, a);
+        }
+        at += a->n_elems;
     }
     return RKNN_SUCC;
 }
@@ -261,12 +281,8 @@ int rknn_outputs_get(rknn_context ctx, uint32_t n_outputs, rknn_output outputs[]
         outputs[k].size = bytes;
         if (as_float) {
             memcpy(outputs[k].buf, src, bytes);
-        } else {  /* int8, as the NPU hands out a quantised output: q = round(x / scale) + zp, clamped */
-            int8_t *q = (int8_t *)outputs[k].buf;
-            for (uint32_t e = 0; e < a->n_elems; e++) {
-                float v = roundf(src[e] / a->scale) + (float)a->zp;
-                q[e] = (int8_t)(v < -128.f ? -128.f : v > 127.f ? 127.f : v);
-            }
+        } else {
+            quantise((int8_t *)outputs[k].buf, src, a);
         }
     }
     return RKNN_SUCC;
@@ -305,6 +321,7 @@ int rknn_set_io_mem(rknn_context ctx, rknn_tensor_mem *mem, rknn_tensor_attr *at
     }
     if (attr->index < s->n_out) {
         s->out_mem[attr->index] = mem;
+        s->out_mem_type[attr->index] = attr->type == RKNN_TENSOR_FLOAT32 ? RKNN_TENSOR_FLOAT32 : s->out[attr->index].type;
         return RKNN_SUCC;
     }
     return RKNN_ERR_PARAM_INVALID;

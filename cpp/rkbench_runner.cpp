@@ -3,7 +3,10 @@
 //
 //   rkbench_runner --spec spec.json --mode latency|eval --model m.rknn --out result.json
 //                  [--lib librknnrt.so] [--inputs inputs.txt] [--input tensor.bin] [--detections d.json]
-//                  [--outputs float|int8] [--where board] [--warmup N] [--iterations N] [--min-seconds S]
+//                  [--where board] [--warmup N] [--iterations N] [--min-seconds S]
+// The spec's "measure" section also says how to take the outputs: outputs float|int8 (default float), and
+// zero_copy true|false (default false): io memory from rknn_create_mem bound with rknn_set_io_mem, the input
+// copied into it and the outputs read out of it, instead of rknn_inputs_set / rknn_outputs_get.
 //
 // librknnrt is opened at run time (dlopen), so one binary runs against any runtime version, or against
 // rkbench's replay stand-in (cpp/fake_librknnrt.c) on a machine without an NPU.
@@ -159,6 +162,8 @@ struct Spec {
     double conf = 0.001, iou = 0.7;
     int warmup = 5, iterations = 50;
     double min_seconds = 2.0;
+    std::string outputs = "float";  // measure.outputs: float (the library dequantises) | int8 (the runner does)
+    bool zero_copy = false;         // measure.zero_copy: rknn_create_mem + rknn_set_io_mem instead of inputs_set/outputs_get
     std::string inference_json;  // echoed into the result as read
 };
 
@@ -166,7 +171,7 @@ struct Spec {
 const char *INFERENCE_KEYS[] = {"input_size", "head", "num_classes", "category_ids", "reg_max", "anchors", "batch",
                                 "conf", "iou", "max_det", "runtime", "core_mask", "threads", "mean", "std", "version"};
 const char *MEASURE_KEYS[] = {"warmup", "iterations", "min_seconds", "frames", "cores", "frame_size", "overlap",
-                              "sample_interval"};
+                              "sample_interval", "outputs", "zero_copy"};
 
 std::string dump(const Json &v) {
     switch (v.kind) {
@@ -238,6 +243,13 @@ Spec load_spec(const std::string &path) {
         s.warmup = (int)number(*m, "warmup", s.warmup, false);
         s.iterations = (int)number(*m, "iterations", s.iterations, false);
         s.min_seconds = number(*m, "min_seconds", s.min_seconds, false);
+        if (const Json *o = m->get("outputs")) s.outputs = o->kind == Json::Str ? o->str : "?";
+        if (s.outputs != "float" && s.outputs != "int8")
+            throw Error("measure setting outputs=" + s.outputs + " unknown: use float or int8 (config measure.cpp_outputs)");
+        if (const Json *z = m->get("zero_copy")) {
+            if (z->kind != Json::Bool) throw Error("measure setting zero_copy is not true or false: write it with rkbench (config measure.cpp_zero_copy)");
+            s.zero_copy = z->num != 0;
+        }
     }
     s.inference_json = dump(*inf);
     return s;
@@ -249,6 +261,8 @@ struct Rknn {
     void *handle = nullptr;
     rknn_init_fn init; rknn_destroy_fn destroy; rknn_query_fn query; rknn_set_core_mask_fn set_core_mask;
     rknn_inputs_set_fn inputs_set; rknn_run_fn run; rknn_outputs_get_fn outputs_get; rknn_outputs_release_fn outputs_release;
+    // zero-copy io memory: looked up only, a library without them fails when zero_copy is asked for
+    rknn_create_mem_fn create_mem = nullptr; rknn_set_io_mem_fn set_io_mem = nullptr; rknn_destroy_mem_fn destroy_mem = nullptr;
 
     template <typename F> void sym(F &f, const char *name, const std::string &lib) {
         f = reinterpret_cast<F>(dlsym(handle, name));
@@ -263,6 +277,9 @@ struct Rknn {
         sym(init, "rknn_init", lib); sym(destroy, "rknn_destroy", lib); sym(query, "rknn_query", lib);
         sym(set_core_mask, "rknn_set_core_mask", lib); sym(inputs_set, "rknn_inputs_set", lib); sym(run, "rknn_run", lib);
         sym(outputs_get, "rknn_outputs_get", lib); sym(outputs_release, "rknn_outputs_release", lib);
+        create_mem = reinterpret_cast<rknn_create_mem_fn>(dlsym(handle, "rknn_create_mem"));
+        set_io_mem = reinterpret_cast<rknn_set_io_mem_fn>(dlsym(handle, "rknn_set_io_mem"));
+        destroy_mem = reinterpret_cast<rknn_destroy_mem_fn>(dlsym(handle, "rknn_destroy_mem"));
     }
 };
 
@@ -280,6 +297,8 @@ rknn_core_mask core_mask_of(const std::string &m) {
 }
 
 // One model context: attrs queried once, outputs handed out as float (dequantised here on the int8 path).
+// zero_copy: the input and every output live in io memory from rknn_create_mem, bound once with
+// rknn_set_io_mem; set_input copies into the input memory, get_outputs copies out of the output memories.
 struct Model {
     Rknn &api;
     rknn_context ctx = 0;
@@ -288,8 +307,13 @@ struct Model {
     rknn_sdk_version version{};
     bool want_float = true;
     std::vector<rknn_output> got;
+    bool zero_copy = false;
+    rknn_tensor_mem *in_mem = nullptr;
+    std::vector<rknn_tensor_mem *> out_mems;
+    std::vector<std::vector<uint8_t>> copied;  // zero_copy: each output read out of its memory
 
-    Model(Rknn &a, const std::string &path, const std::string &mask, bool as_float) : api(a), want_float(as_float) {
+    Model(Rknn &a, const std::string &path, const std::string &mask, bool as_float, bool zero_copy_)
+        : api(a), want_float(as_float), zero_copy(zero_copy_) {
         // size 0: librknnrt reads the model from the path itself
         check(api.init(&ctx, const_cast<char *>(path.c_str()), 0, 0, nullptr), "rknn_init");
         if (mask != "auto") check(api.set_core_mask(ctx, core_mask_of(mask)), "rknn_set_core_mask");
@@ -306,11 +330,46 @@ struct Model {
         }
         check(api.query(ctx, RKNN_QUERY_SDK_VERSION, &version, sizeof version), "rknn_query(SDK_VERSION)");
         got.resize(io.n_output);
+        if (zero_copy) bind_io_mem();
     }
-    ~Model() { if (ctx) api.destroy(ctx); }
+    ~Model() {
+        if (in_mem) api.destroy_mem(ctx, in_mem);
+        for (rknn_tensor_mem *m : out_mems) if (m) api.destroy_mem(ctx, m);
+        if (ctx) api.destroy(ctx);
+    }
     size_t input_bytes(int size) const { return (size_t)size * size * 3; }
 
+    void bind_io_mem() {
+        if (!api.create_mem || !api.set_io_mem || !api.destroy_mem)
+            throw Error("this librknnrt has no rknn_create_mem/rknn_set_io_mem: install librknnrt >= 1.5 or set measure.cpp_zero_copy=false");
+        rknn_tensor_attr a = in;  // the runner hands uint8 NHWC, as with rknn_inputs_set
+        a.type = RKNN_TENSOR_UINT8;
+        a.fmt = RKNN_TENSOR_NHWC;
+        in_mem = api.create_mem(ctx, std::max(a.size_with_stride, a.size));
+        if (!in_mem) throw Error("rknn_create_mem failed for the input: free NPU memory or set measure.cpp_zero_copy=false");
+        check(api.set_io_mem(ctx, in_mem, &a), "rknn_set_io_mem(input)");
+        out_mems.assign(outs.size(), nullptr);
+        copied.resize(outs.size());
+        for (size_t k = 0; k < outs.size(); k++) {
+            rknn_tensor_attr o = outs[k];
+            if (want_float) o.type = RKNN_TENSOR_FLOAT32;  // the library writes float32 into the memory
+            uint32_t bytes = want_float ? o.n_elems * 4 : std::max(o.size_with_stride, o.size);
+            out_mems[k] = api.create_mem(ctx, bytes);
+            if (!out_mems[k]) throw Error("rknn_create_mem failed for output " + std::to_string(k) + ": free NPU memory or set measure.cpp_zero_copy=false");
+            check(api.set_io_mem(ctx, out_mems[k], &o), "rknn_set_io_mem(output)");
+            copied[k].resize(bytes);
+        }
+    }
+
     void set_input(std::vector<uint8_t> &bytes) {
+        if (zero_copy) {  // rows padded to w_stride pixels where the library asks for it
+            uint32_t w = in.n_dims == 4 ? (in.fmt == RKNN_TENSOR_NHWC ? in.dims[2] : in.dims[3]) : 0;
+            uint32_t stride = in.w_stride > w ? in.w_stride : w;
+            if (w == 0 || stride == w) { std::memcpy(in_mem->virt_addr, bytes.data(), bytes.size()); return; }
+            for (size_t y = 0; y < bytes.size() / ((size_t)w * 3); y++)
+                std::memcpy((uint8_t *)in_mem->virt_addr + (size_t)y * stride * 3, bytes.data() + (size_t)y * w * 3, (size_t)w * 3);
+            return;
+        }
         rknn_input x{};
         x.index = 0;
         x.buf = bytes.data();
@@ -321,6 +380,10 @@ struct Model {
     }
     void run() { check(api.run(ctx, nullptr), "rknn_run"); }
     void get_outputs() {
+        if (zero_copy) {  // read each output out of its memory (what rknn_outputs_get does on the other path)
+            for (size_t k = 0; k < copied.size(); k++) std::memcpy(copied[k].data(), out_mems[k]->virt_addr, copied[k].size());
+            return;
+        }
         for (size_t k = 0; k < got.size(); k++) {
             got[k] = rknn_output{};
             got[k].index = (uint32_t)k;
@@ -331,18 +394,21 @@ struct Model {
     // Output k as float32 (a copy: the library's buffers go back at release).
     std::vector<float> output(size_t k) const {
         const rknn_tensor_attr &a = outs[k];
+        const void *buf = zero_copy ? (const void *)copied[k].data() : got[k].buf;
         std::vector<float> v(a.n_elems);
         if (want_float || a.type == RKNN_TENSOR_FLOAT32) {
-            std::memcpy(v.data(), got[k].buf, a.n_elems * sizeof(float));
+            std::memcpy(v.data(), buf, a.n_elems * sizeof(float));
         } else if (a.type == RKNN_TENSOR_INT8) {
-            const int8_t *q = static_cast<const int8_t *>(got[k].buf);
+            const int8_t *q = static_cast<const int8_t *>(buf);
             for (uint32_t e = 0; e < a.n_elems; e++) v[e] = ((float)q[e] - (float)a.zp) * a.scale;
         } else {
-            throw Error("output " + std::to_string(k) + " has tensor type " + std::to_string(a.type) + ": use --outputs float");
+            throw Error("output " + std::to_string(k) + " has tensor type " + std::to_string(a.type) + ": use measure.cpp_outputs=float");
         }
         return v;
     }
-    void release() { check(api.outputs_release(ctx, (uint32_t)got.size(), got.data()), "rknn_outputs_release"); }
+    void release() {
+        if (zero_copy) return;  // the memories stay bound until the model goes
+        check(api.outputs_release(ctx, (uint32_t)got.size(), got.data()), "rknn_outputs_release"); }
 };
 
 // ------------------------------------------------------------------ decode + select (rkbench.models.prepost)
@@ -507,7 +573,8 @@ std::vector<uint8_t> read_tensor(const std::string &path, size_t bytes) {
 struct Args { std::map<std::string, std::string> kv; std::string get(const std::string &k, const std::string &d = "") const {
     auto it = kv.find(k); return it == kv.end() ? d : it->second; } };
 
-std::string run_latency(Model &m, const Spec &s, const Args &a) {
+// init_ms: rknn_init (+ core mask) and rknn_query of the attrs and version, timed once per run in main.
+std::string run_latency(Model &m, const Spec &s, const Args &a, double init_ms) {
     std::string input = a.get("input");
     if (input.empty() && !a.get("inputs").empty()) input = read_inputs(a.get("inputs"))[0].path;
     if (input.empty()) throw Error("--mode latency needs --input TENSOR or --inputs FILE: pass a pre-processed input");
@@ -529,7 +596,10 @@ std::string run_latency(Model &m, const Spec &s, const Args &a) {
     for (auto &p : ms) for (double v : p) busy += v;
     return "{\"unit\": \"ms\", \"per\": \"iteration of batch 1\", \"batch\": 1, \"warmup\": " + num(s.warmup) +
            ", \"iterations\": " + num(ms[0].size()) + ", \"timed_s\": " + num(timed) + ", \"source\": " + quote(input) +
-           ", \"fps\": " + num(ms[0].size() / (busy / 1e3)) + ", " + parts_json({"inputs_set", "run", "outputs_get"}, ms) + "}";
+           ", \"fps\": " + num(ms[0].size() / (busy / 1e3)) + ", \"init\": {\"ms\": " + num(init_ms) +
+           ", \"covers\": \"rknn_init, rknn_set_core_mask, rknn_query of the attrs" +
+           (m.zero_copy ? ", rknn_create_mem + rknn_set_io_mem of the input and outputs" : "") + ", once per run\"}, " +
+           parts_json({m.zero_copy ? "input_copy" : "inputs_set", "run", m.zero_copy ? "output_read" : "outputs_get"}, ms) + "}";
 }
 
 std::string run_eval(Model &m, const Spec &s, const Args &a, const std::string &det_path) {
@@ -569,7 +639,7 @@ std::string run_eval(Model &m, const Spec &s, const Args &a, const std::string &
     f.close();
     if (!f || std::rename((det_path + ".tmp").c_str(), det_path.c_str()) != 0) throw Error("cannot write " + det_path + ": free space or fix the path");
     return "{\"images\": " + num(items.size()) + ", \"detections\": " + num(count) + ", \"detections_file\": " + quote(det_path) +
-           ", \"batch\": 1, \"unit\": \"ms\", \"per\": \"batch of 1\", " + parts_json({"read", "inputs_set", "run", "outputs_get", "post"}, ms) + "}";
+           ", \"batch\": 1, \"unit\": \"ms\", \"per\": \"batch of 1\", " + parts_json({"read", m.zero_copy ? "input_copy" : "inputs_set", "run", m.zero_copy ? "output_read" : "outputs_get", "post"}, ms) + "}";
 }
 
 void write_atomic(const std::string &path, const std::string &text) {
@@ -593,7 +663,7 @@ std::string now_text() {
 
 int main(int argc, char **argv) {
     Args a;
-    const char *flags[] = {"spec", "mode", "model", "out", "lib", "where", "inputs", "input", "detections", "outputs",
+    const char *flags[] = {"spec", "mode", "model", "out", "lib", "where", "inputs", "input", "detections",
                            "warmup", "iterations", "min-seconds"};
     for (int k = 1; k < argc; k++) {
         std::string f = argv[k];
@@ -620,19 +690,20 @@ int main(int argc, char **argv) {
         if (!a.get("iterations").empty()) s.iterations = std::atoi(a.get("iterations").c_str());
         if (!a.get("min-seconds").empty()) s.min_seconds = std::atof(a.get("min-seconds").c_str());
         if (s.warmup < 0 || s.iterations < 1) throw Error("warmup must be >= 0 and iterations >= 1");
-        std::string outputs = a.get("outputs", "float");
-        if (outputs != "float" && outputs != "int8") throw Error("--outputs " + outputs + ": use float or int8");
+        std::string outputs = s.outputs;
         Rknn api(lib);
-        Model m(api, a.get("model"), s.core_mask, outputs == "float");
+        auto init_start = Clock::now();
+        Model m(api, a.get("model"), s.core_mask, outputs == "float", s.zero_copy);
+        double init_ms = ms_since(init_start);
         std::string api_v = m.version.api_version, drv_v = m.version.drv_version;
         bool replayed = api_v.find(STANDIN_MARK) != std::string::npos;
         std::string det_path = a.get("detections", out.substr(0, out.rfind('.') == std::string::npos ? out.size() : out.rfind('.')) + ".detections.json");
-        std::string body = mode == "latency" ? run_latency(m, s, a) : run_eval(m, s, a, det_path);
+        std::string body = mode == "latency" ? run_latency(m, s, a, init_ms) : run_eval(m, s, a, det_path);
         std::string text = header + ", \"versions\": {\"runner\": " + quote(RUNNER_VERSION) + ", \"librknnrt\": " + quote(api_v) +
                            ", \"driver\": " + quote(drv_v) + "}, \"replayed\": " + (replayed ? "true" : "false") +
                            ", \"spec\": " + s.inference_json + ", \"runtime\": {\"kind\": \"librknnrt\", \"lib\": " + quote(lib) +
                            ", \"version\": " + quote(api_v) + ", \"driver\": " + quote(drv_v) + ", \"core_masks\": [" + quote(s.core_mask) +
-                           "], \"outputs\": " + quote(outputs) + "}, " + quote(mode) + ": " + body +
+                           "], \"outputs\": " + quote(outputs) + ", \"zero_copy\": " + (s.zero_copy ? "true" : "false") + "}, " + quote(mode) + ": " + body +
                            ", \"model\": {\"path\": " + quote(a.get("model")) + "}, \"wall_s\": " + num(ms_since(started) / 1e3) +
                            ", \"finished\": " + quote(now_text()) + ", \"complete\": true}";
         write_atomic(out, text);

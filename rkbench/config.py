@@ -28,6 +28,7 @@ FAMILIES = ("yolov8", "yolov5")
 CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
 QUANT_GROUPS = tuple(range(32, 257, 32))    # quant_method=group<N>
 BOARD_RUNTIMES = ("rknnlite", "onnxruntime")
+CPP_OUTPUTS = ("float", "int8")            # measure.cpp_outputs: want_float=1, or int8 dequantised by the runner
 RUNNERS = ("python", "cpp")                 # the on-device runner: rkbench/device/runner.py or cpp/rkbench_runner.cpp
 # NPU cores per SoC: core masks other than auto only exist on the multi-core parts.
 NPU_CORES = {"rk3588": 3, "rk3576": 2}
@@ -91,6 +92,8 @@ class MeasureConfig:
     tile_frame: list[int] = field(default_factory=lambda: [1920, 1080])   # tiling mode: frame W, H
     tile_overlap: float = 0.2
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
+    cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
+    cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
 
 
 @dataclass
@@ -279,6 +282,7 @@ def validate(run: RunConfig) -> None:
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)
+    _choice("measure.cpp_outputs", run.measure.cpp_outputs, CPP_OUTPUTS)
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:

@@ -37,7 +37,9 @@ GROUPS = {g.name: g for g in (
           "the run's device kind"),
     Group("latency", "per-call times in ms: latency/<where>_<part>_ms_<stat>, part = infer (host, simulator) or "
           "py_pre / py_infer / py_post / py_total (board, Python runner) or cpp_inputs_set / cpp_run / cpp_outputs_get "
-          "/ cpp_total (board, C++ runner)", "name"),
+          "/ cpp_total (board, C++ runner; cpp_input_copy / cpp_output_read instead of inputs_set / outputs_get with "
+          "measure.cpp_zero_copy); <where>_cpp_init_ms: the C++ runner's rknn_init + attr queries, once per run",
+          "name"),
     Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
           "pool (<where>_fps), frame latency and per-core share", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),

@@ -44,7 +44,9 @@ Attach = Callable[[Path, str], None]
 Record = Callable[[dict[str, float], dict[str, str]], None]
 
 # the timed parts of each runner's latency loop: `latency/<where>_<runner>_<part>_ms_<stat>`
-PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total")}
+PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total"),
+         # measure.cpp_zero_copy: the input copied into io memory, the outputs read out of it
+         "cpp_zero_copy": ("input_copy", "run", "output_read", "total")}
 CPP_MODES = ("latency", "eval")
 CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
@@ -123,10 +125,11 @@ def _system_metrics(result: dict[str, Any], mode: str, where: str) -> dict[str, 
     return out
 
 
-def _part_metrics(section: dict[str, Any], where: str, group: str = "latency", runner: str = "py") -> dict[str, float]:
-    """The runner's per-part timings as `<group>/<where>_<runner>_<part>_ms_<stat>` (PARTS)."""
+def _part_metrics(section: dict[str, Any], where: str, group: str = "latency", runner: str = "py",
+                  parts: str = "") -> dict[str, float]:
+    """The runner's per-part timings as `<group>/<where>_<runner>_<part>_ms_<stat>` (PARTS[parts or runner])."""
     out: dict[str, float] = {}
-    for part in PARTS[runner]:
+    for part in PARTS[parts or runner]:
         named = M.latency_stats(where, f"{runner}_{part}", section[part])
         out.update({f"{group}/{k.split('/', 1)[1]}": v for k, v in named.items()})
     return out
@@ -137,8 +140,9 @@ def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, flo
     out: dict[str, float] = {}
     if mode == "latency" and runner_of(result) == "cpp":
         lat = result["latency"]
-        out.update(_part_metrics(lat, where, runner="cpp"))
+        out.update(_part_metrics(lat, where, runner="cpp", parts=parts_of(result)))
         out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+        out[f"latency/{where}_cpp_init_ms"] = float(lat["init"]["ms"])   # rknn_init + queries, once per run
     elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))
@@ -167,13 +171,14 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     m = run.measure
     if mode == "latency":
         lat = result["latency"]
-        parts = "/".join(p for p in PARTS[runner_of(result)] if p != "total")
+        parts = "/".join(p for p in PARTS[parts_of(result)] if p != "total")
         return (f"latency: {lat['warmup']} warmup + {lat['iterations']} timed iterations of batch {lat['batch']} in "
                 f"{lat['timed_s']:.2f} s (asked >= {m.iterations} and >= {m.min_seconds:g} s), {parts} timed "
-                f"apart, {lat['source']}")
+                f"apart, {lat['source']}{_cpp_settings(result)}")
     if mode == "eval":
         ev = result["eval"]
-        return f"eval: {ev['images']} images in batches of {ev['batch']}, {ev['detections']} detections"
+        return (f"eval: {ev['images']} images in batches of {ev['batch']}, {ev['detections']} detections"
+                f"{_cpp_settings(result)}")
     if mode == "throughput":
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
@@ -182,6 +187,22 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     tl = result["tiling"]
     return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
+
+
+def _cpp_settings(result: dict[str, Any]) -> str:
+    """The C++ runner's measure settings as it reports them ("" for the Python runner)."""
+    if runner_of(result) != "cpp":
+        return ""
+    runtime = result.get("runtime") or {}
+    io = ", zero-copy io memory (rknn_create_mem + rknn_set_io_mem)" if runtime.get("zero_copy") else ""
+    return f", outputs {runtime.get('outputs', '?')}{io}"
+
+
+def parts_of(result: dict[str, Any]) -> str:
+    """The PARTS key of a result: "py", "cpp", or "cpp_zero_copy" when the C++ runner used io memory."""
+    if runner_of(result) == "cpp" and (result.get("runtime") or {}).get("zero_copy"):
+        return "cpp_zero_copy"
+    return runner_of(result)
 
 
 def runner_of(result: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ def test_default_composes_to_the_embedded_demo():
     ("target=board", "board.serial"),
     ("model.weights=/nonexistent/best.pt", "does not exist"),
     ("calib.size=0", "calibration"),
+    ("measure.cpp_outputs=int4", "measure.cpp_outputs"),
     ("calib.source=/nonexistent/calib_images", "calib.source"),
 ])
 def test_invalid_values_are_rejected_with_a_fix(override, fragment):

@@ -182,12 +182,22 @@ def test_eval_int8_outputs_dequantised(x86, case, tmp_path: Path) -> None:
     lines = [ln.replace("float32 nchw 0 0", "int8 nchw 0 0.08") if ln.startswith("output") else ln for ln in lines]
     (replay / cpp.REPLAY_MODEL).write_text("\n".join(lines) + "\n")
     inputs = replay / "inputs.txt"
-    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(0.3)), "eval", replay / cpp.REPLAY_MODEL,
-                        tmp_path / "eval.json", "--inputs", str(inputs), "--outputs", "int8")
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(0.3), outputs="int8"), "eval",
+                        replay / cpp.REPLAY_MODEL, tmp_path / "eval.json", "--inputs", str(inputs))
     assert done.returncode == 0, done.stderr
     assert result["runtime"]["outputs"] == "int8"
     dets = json.loads(Path(result["eval"]["detections_file"]).read_text())
     assert dets and {d["category_id"] for d in dets} <= {1, 3, 7}
+    from rkbench.config import RunConfig
+    from rkbench.stages.board import describe_mode
+
+    assert describe_mode("eval", result, RunConfig()).endswith(", outputs int8")   # in rkbench.measure
+    # an outputs setting the runner does not know: one line naming the config key
+    done, result = _run(runner, lib, _write_spec(tmp_path / "bad.json", _spec(), outputs="int4"), "eval",
+                        replay / cpp.REPLAY_MODEL, tmp_path / "bad_eval.json", "--inputs", str(inputs))
+    assert done.returncode == 1 and result["complete"] is False
+    assert done.stderr.strip().splitlines()[-1] == ("runner: error: measure setting outputs=int4 unknown: use float "
+                                                    "or int8 (config measure.cpp_outputs)")
 
 
 def test_latency_result(x86, case, tmp_path: Path) -> None:
@@ -201,6 +211,68 @@ def test_latency_result(x86, case, tmp_path: Path) -> None:
         assert lat[part]["count"] == lat["iterations"] and 0 <= lat[part]["min"] <= lat[part]["p50"] <= lat[part]["p99"]
     assert len(lat["samples_ms"]["run"]) == lat["iterations"]
     assert result["runtime"]["driver"] == "none (replay)"
+    assert lat["init"]["ms"] >= 0 and "rknn_init" in lat["init"]["covers"]
+
+
+def test_latency_metrics_carry_the_init_time(x86, case, tmp_path: Path) -> None:
+    from rkbench.stages.board import mode_metrics
+
+    runner, lib = x86
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec()), "latency", case["replay"],
+                        tmp_path / "lat.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    metrics = mode_metrics("latency", result, "emulator")
+    assert metrics["latency/emulator_cpp_init_ms"] == result["latency"]["init"]["ms"]
+    assert not [k for k in metrics if k.startswith("latency/emulator_cpp_init_ms_")]  # one value, no stats
+
+
+def _int8_replay(case: dict, folder: Path) -> Path:
+    """The case's replay with every output declared int8 (one scale: logits span about [-10, 10])."""
+    shutil.copytree(case["replay"].parent, folder)
+    lines = (folder / cpp.REPLAY_MODEL).read_text().splitlines()
+    lines = [ln.replace("float32 nchw 0 0", "int8 nchw 0 0.08") if ln.startswith("output") else ln for ln in lines]
+    (folder / cpp.REPLAY_MODEL).write_text("\n".join(lines) + "\n")
+    return folder / cpp.REPLAY_MODEL
+
+
+@pytest.mark.parametrize("outputs", ["float", "int8"])
+def test_zero_copy_detections_identical_to_the_normal_path(x86, case, tmp_path: Path, outputs) -> None:
+    runner, lib = x86
+    model = case["replay"] if outputs == "float" else _int8_replay(case, tmp_path / "replay_int8")
+    dets = {}
+    for zero_copy in (False, True):
+        spec = _write_spec(tmp_path / f"spec_{zero_copy}.json", _spec(), outputs=outputs, zero_copy=zero_copy)
+        done, result = _run(runner, lib, spec, "eval", model, tmp_path / f"eval_{zero_copy}.json",
+                            "--inputs", str(case["inputs"]))
+        assert done.returncode == 0, done.stderr
+        assert result["runtime"]["zero_copy"] is zero_copy and result["runtime"]["outputs"] == outputs
+        parts = ("input_copy", "output_read") if zero_copy else ("inputs_set", "outputs_get")
+        assert all(result["eval"][p]["count"] == 4 for p in parts)
+        dets[zero_copy] = json.loads(Path(result["eval"]["detections_file"]).read_text())
+    assert dets[True] == dets[False] and len(dets[True]) > 0
+
+
+def test_zero_copy_latency_parts_and_metrics(x86, case, tmp_path: Path) -> None:
+    from rkbench.config import RunConfig
+    from rkbench.stages.board import describe_mode, mode_metrics
+
+    runner, lib = x86
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(), zero_copy=True), "latency",
+                        case["replay"], tmp_path / "lat.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    lat = result["latency"]
+    for part in ("input_copy", "run", "output_read", "total"):
+        assert lat[part]["count"] == lat["iterations"] >= 3
+    assert "inputs_set" not in lat and "rknn_set_io_mem" in lat["init"]["covers"]
+    metrics = mode_metrics("latency", result, "emulator")
+    assert {"latency/emulator_cpp_input_copy_ms_p50", "latency/emulator_cpp_output_read_ms_p50",
+            "latency/emulator_cpp_run_ms_p50", "latency/emulator_cpp_init_ms"} <= set(metrics)
+    text = describe_mode("latency", result, RunConfig())
+    assert "input_copy/run/output_read timed apart" in text and text.endswith("zero-copy io memory (rknn_create_mem + rknn_set_io_mem)")
+    # a zero_copy that is not a boolean: one line naming the config key
+    done, _ = _run(runner, lib, _write_spec(tmp_path / "bad.json", _spec(), zero_copy="yes"), "latency",
+                   case["replay"], tmp_path / "bad.json.out", "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "(config measure.cpp_zero_copy)" in done.stderr.strip().splitlines()[-1]
 
 
 def test_missing_library_is_one_clear_line(x86, case, tmp_path: Path) -> None:
@@ -293,11 +365,13 @@ def test_aarch64_build_runs_under_qemu(x86, case, build_cache: Path, tmp_path: P
     head = runner.read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
     spec = _spec()
-    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", case["replay"],
-                        tmp_path / "eval.json", "--inputs", str(case["inputs"]), prefix=prefix)
-    assert done.returncode == 0, done.stderr
-    _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
-                            _python_detections(case, spec))
+    for zero_copy in (False, True):
+        done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec, zero_copy=zero_copy), "eval",
+                            case["replay"], tmp_path / "eval.json", "--inputs", str(case["inputs"]), prefix=prefix)
+        assert done.returncode == 0, done.stderr
+        assert result["runtime"]["zero_copy"] is zero_copy
+        _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
+                                _python_detections(case, spec))
 
 
 def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:

@@ -3,6 +3,7 @@ tool versions), and the inference spec built from the config and the exported mo
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -49,6 +50,26 @@ def test_runner_applies_only_to_a_board_and_cpp_runs_the_rknn(dataset):
     assert cpp.config.board.runtime == "rknnlite" and "runner=cpp" in cpp.collapsed["board.runtime"]
     python = RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555"))
     assert key(python, dataset) != key(replace(python, runner="cpp"), dataset)
+
+
+def test_cpp_measure_settings_apply_only_to_the_cpp_runner_on_a_board(dataset):
+    from rkbench.config import MeasureConfig
+    from rkbench.device.session import spec_file
+
+    board = BoardConfig(address="1.2.3.4:5555")
+    int8 = MeasureConfig(cpp_outputs="int8")
+    python = plan(RunConfig(target="board", board=board, measure=int8))
+    assert python.config.measure.cpp_outputs == "float" and "runner=python" in python.collapsed["measure.cpp_outputs"]
+    cpp = plan(RunConfig(target="board", runner="cpp", board=board, measure=int8))
+    assert cpp.config.measure.cpp_outputs == "int8" and not cpp.collapsed
+    assert key(cpp.config, dataset) != key(replace(cpp.config, measure=MeasureConfig()), dataset)
+    spec = inference_spec(cpp.config, {"imgsz": 64, "head": "rknn", "num_classes": len(dataset.category_ids)}, dataset,
+                          "rknnlite")
+    measure = json.loads(spec_file(cpp.config, spec))["measure"]
+    assert measure["outputs"] == "int8" and measure["zero_copy"] is False
+    zero_copy = plan(RunConfig(target="board", board=board, measure=MeasureConfig(cpp_zero_copy=True)))
+    assert zero_copy.config.measure.cpp_zero_copy is False and "measure.cpp_zero_copy" in zero_copy.collapsed
+    assert "outputs" not in json.loads(spec_file(python.config, spec))["measure"]   # the Python runner's file as before
 
 
 def test_identity_ignores_where_results_go_and_collapsed_axes(dataset):
