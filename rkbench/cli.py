@@ -192,13 +192,8 @@ def already_measured(configs: list[RunConfig], multirun: bool) -> Optional[list[
     stores = {(r.tracking.uri, r.tracking.experiment) for r in configs}
     if not all(r.resume and r.tracking.enabled for r in configs) or len(stores) != 1:
         return None
-    datasets: dict[tuple, object] = {}
-    keys = []
-    for run in configs:
-        where = (repr(run.dataset), run.cache_dir)
-        if where not in datasets:
-            datasets[where] = pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())
-        keys.append(spec.identity(spec.plan(run), datasets[where]).key)
+    keys = [spec.identity(spec.plan(run), pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())).key
+            for run in configs]
     [(uri, experiment)] = stores
     found = measured_runs(sqlite_path(uri), experiment, sorted(set(keys)))
     holder = holding_sweep(found) if found is not None and multirun else None
@@ -314,6 +309,7 @@ def run_sweep(argv: list[str]) -> int:
         sys.argv = [sys.argv[0]] + argv
         hydra_entry()
         return 0
+    pipeline.forget_datasets()
     try:
         configs, out_dir, swept = preflight(argv)
     except RkbenchError as err:

@@ -68,7 +68,24 @@ class Outcome:
         return cls(**json.loads(path.read_text()))
 
 
+_LOADED: dict[tuple[str, Path], Dataset] = {}
+
+
+def forget_datasets() -> None:
+    """A new invocation loads its datasets afresh (files may have changed since the last one)."""
+    _LOADED.clear()
+
+
 def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
+    """Loaded once per invocation and settings: preflight, the no-op resume check and every job of a
+    sweep share it (and its fingerprint, which reads every image)."""
+    key = (repr(cfg), cache_root)
+    if key not in _LOADED:
+        _LOADED[key] = _load(cfg, cache_root)
+    return _LOADED[key]
+
+
+def _load(cfg: DatasetConfig, cache_root: Path) -> Dataset:
     if cfg.kind == "demo":
         from rkbench.data.demo import demo_dataset
         return demo_dataset(Path(cfg.root) if cfg.root else cache_root / "datasets" / "demo", limit=cfg.limit)

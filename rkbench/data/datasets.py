@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -65,9 +65,22 @@ class Dataset:
     class_names: list[str]     # index = model class index
     category_ids: list[int]    # COCO category_id of each model class index
     coco_gt: dict              # COCO-format ground truth: images, annotations, categories
+    _fingerprint: Optional[tuple[tuple, str]] = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
-        """sha256 over the ground truth, the class mapping and every image file's bytes (in id order)."""
+        """sha256 over the ground truth, the class mapping and every image file's bytes (in id order).
+        Identity and the evaluate cache key both ask for it: the bytes are read again only when a file's
+        size, mtime or inode changed since the last call on this object."""
+        try:
+            stats = [(r.id, r.path.stat()) for r in self.images]
+            stamp: Optional[tuple] = tuple((i, s.st_size, s.st_mtime_ns, s.st_ino) for i, s in stats)
+        except OSError:
+            stamp = None   # _hash names the missing file
+        if stamp is None or self._fingerprint is None or self._fingerprint[0] != stamp:
+            self._fingerprint = (stamp, self._hash())
+        return self._fingerprint[1]
+
+    def _hash(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(self.coco_gt, sort_keys=True, separators=(",", ":")).encode())
         h.update(json.dumps([self.class_names, self.category_ids]).encode())
