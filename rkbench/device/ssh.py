@@ -1,0 +1,332 @@
+"""A board behind sshd (Debian images for RK3588 boards often run sshd and no adbd), through paramiko.
+
+Commands: one `exec` channel each, stdout and stderr merged (as adb's legacy shell). The command line is
+wrapped in `sh -c` that first prints its process group (sshd starts every session with setsid, so the
+group is the command and everything it starts) and last prints the exit status (`$?`, 128 + N for a
+process killed by signal N: sshd's exit-signal message is not read by paramiko). Closing a channel does
+not stop a command that has no pty - real adbd behaves the same - so rkbench stops it itself: past its
+timeout the group is killed (`kill -KILL -- -PGID` on a second channel), and the group of a command whose
+link dropped is killed as soon as the link is back.
+
+Files go over SFTP (sshd's sftp subsystem, OpenSSH's default): written to `<path>.partial`, given the
+local file's mode and renamed, so a cut push never leaves a file under its final name.
+
+Login: `board.address` is a host name (one from ~/.ssh/config works: HostName, Port, User, IdentityFile
+and ProxyCommand are honoured) or an IP, optionally `user@host:port`; board.ssh_user / ssh_port / ssh_key
+win over both. Keys come from board.ssh_key, else ~/.ssh/config's IdentityFile, ssh-agent and ~/.ssh/id_*.
+rkbench never takes a password. Host keys are checked against ~/.ssh/known_hosts (or
+board.ssh_known_hosts); an unknown board is refused with the command that trusts it.
+"""
+
+from __future__ import annotations
+
+import errno
+import getpass
+import logging
+import os
+import posixpath
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+
+from rkbench.device.transport import ShellResult, Transport, command_line, sync_fail_message, timeout_message
+from rkbench.errors import DeviceError
+
+if TYPE_CHECKING:
+    import paramiko
+
+log = logging.getLogger("rkbench.device")
+T = TypeVar("T")
+
+_PGID_MARK = "RKBENCH_PGID:"
+_EXIT_MARK = "RKBENCH_EXIT:"
+# $1 is the command line (already quoted), run by the login shell as sshd itself would; its process group
+# (field 5 of /proc/$$/stat) comes first. stderr joins stdout here: two ssh streams arrive in no fixed order.
+_WRAP = ('exec 2>&1; read -r _ _ _ _ g _ < /proc/$$/stat; echo "' + _PGID_MARK + '$g"; '
+         '"${SHELL:-sh}" -c "$1"; echo "' + _EXIT_MARK + '$?"')
+DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and as whom to log in, after ~/.ssh/config and the board.ssh_* settings."""
+
+    host: str                      # what to connect to (HostName of an alias)
+    port: int
+    user: str
+    key_files: tuple[str, ...] = ()
+    proxy_command: Optional[str] = None
+    name: str = ""                 # as given in board.address (an alias keeps its name in messages)
+
+    def describe(self) -> str:
+        return f"ssh:{self.user}@{self.name or self.host}:{self.port}"
+
+
+def resolve_target(address: str, *, user: Optional[str] = None, port: Optional[int] = None,
+                   key_file: Optional[str] = None, config_file: Path = DEFAULT_SSH_CONFIG) -> SshTarget:
+    """board.address (`host`, `user@host`, `host:port`) + ~/.ssh/config + explicit settings -> SshTarget."""
+    import paramiko
+
+    given_user, _, hostport = address.rpartition("@")
+    host, _, given_port = hostport.partition(":")
+    if not host or (given_port and not given_port.isdigit()):
+        raise DeviceError(f"board.address={address!r} is not HOST, USER@HOST or HOST:PORT: fix board.address")
+    seen: dict = {}
+    config_file = Path(config_file).expanduser()
+    if config_file.is_file():
+        seen = paramiko.SSHConfig.from_path(str(config_file)).lookup(host)
+    keys = [key_file] if key_file else list(seen.get("identityfile", []))
+    return SshTarget(host=seen.get("hostname", host),
+                     port=int(port or given_port or seen.get("port", 22)),
+                     user=user or given_user or seen.get("user") or getpass.getuser(),
+                     key_files=tuple(os.path.expanduser(k) for k in keys if os.path.isfile(os.path.expanduser(k))),
+                     proxy_command=seen.get("proxycommand"), name=host)
+
+
+class SshTransport(Transport):
+    """A board behind sshd: commands on exec channels, files over SFTP (see the module docstring)."""
+
+    kind = "ssh"
+
+    def __init__(self, target: SshTarget, *, known_hosts: Optional[str] = None, connect_timeout_s: float = 15.0,
+                 io_timeout_s: float = 60.0):
+        self.target = target
+        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
+        if self.known_hosts and not os.path.isfile(self.known_hosts):
+            raise DeviceError(f"board.ssh_known_hosts={known_hosts} does not exist: give a known_hosts file, or leave "
+                              "it unset for ~/.ssh/known_hosts")
+        self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
+        self._client: Optional["paramiko.SSHClient"] = None
+        self._sftp: Optional["paramiko.SFTPClient"] = None
+        self._made: set[str] = set()               # board folders created through this link
+        self.orphans: list[int] = []               # process groups whose link dropped: killed on reconnect
+        self._connect()
+
+    # ---- link ------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return self.target.describe()
+
+    @property
+    def emulated(self) -> bool:
+        """A real machine answers over ssh (there is no emulated sshd board): its results say `board`."""
+        return False
+
+    def _connect(self) -> None:
+        import paramiko
+
+        self.close()
+        client = paramiko.SSHClient()
+        client.load_system_host_keys(self.known_hosts)     # None: ~/.ssh/known_hosts
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        t = self.target
+        sock = paramiko.ProxyCommand(t.proxy_command) if t.proxy_command else None
+        try:
+            client.connect(t.host, t.port, username=t.user, key_filename=list(t.key_files) or None, sock=sock,
+                           timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
+                           auth_timeout=self.connect_timeout_s, allow_agent=True, look_for_keys=not t.key_files)
+        except Exception as exc:
+            client.close()
+            raise self._connect_error(exc) from exc
+        client.get_transport().set_keepalive(10)
+        self._client, self._made = client, set()
+        log.info("connected to %s", self.describe())
+        self._kill_orphans()
+
+    def _connect_error(self, exc: Exception) -> DeviceError:
+        import paramiko
+
+        t, where = self.target, self.describe()
+        known = self.known_hosts or "~/.ssh/known_hosts"
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return DeviceError(f"the host key of {where} is not the one in {known}: if the board was reinstalled, "
+                               f"`ssh-keygen -R {_known_name(t)}` and trust it again; otherwise do not connect")
+        if isinstance(exc, paramiko.AuthenticationException):
+            return DeviceError(f"{where} refused the login ({exc}): put your public key in the board's "
+                               "~/.ssh/authorized_keys (`ssh-copy-id`), set board.ssh_key=PATH or load the key into "
+                               "ssh-agent (rkbench never uses passwords)")
+        if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+            return DeviceError(f"{where} is not in {known}: check it is your board, then "
+                               f"`ssh-keyscan -p {t.port} {t.host} >> {known}` (or `ssh` to it once by hand)")
+        if isinstance(exc, paramiko.PasswordRequiredException):
+            return DeviceError(f"the key for {where} is encrypted: load it into ssh-agent (`ssh-add`); rkbench "
+                               "never asks for passphrases")
+        return DeviceError(f"cannot reach {where} ({str(exc) or type(exc).__name__}): check the board is on and on "
+                           "the network and that sshd runs there (`systemctl status ssh`)", retryable=True)
+
+    def _alive(self) -> bool:
+        transport = self._client.get_transport() if self._client else None
+        return bool(transport and transport.is_active())
+
+    def _ready(self) -> "paramiko.SSHClient":
+        """The connected client; a link found dead is connected again first (as adb does for TCP boards)."""
+        if not self._alive():
+            self._connect()
+        assert self._client is not None
+        return self._client
+
+    def recover(self) -> None:
+        """After a dropped link: connect again within connect_timeout_s, then kill the orphaned commands."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        while True:
+            try:
+                self._connect()
+                return
+            except DeviceError as exc:
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client, self._sftp = None, None
+
+    def _lost(self, action: str, exc: BaseException) -> DeviceError:
+        return DeviceError(f"{action}: connection to {self.describe()} lost ({str(exc) or type(exc).__name__}): "
+                           "check the link", retryable=True)
+
+    # ---- commands --------------------------------------------------------------------------------
+    def shell(self, args: list[str], timeout: float) -> ShellResult:
+        """The command's exit status and merged output; past `timeout` its process group is killed."""
+        command = command_line(args)
+        return self._run(command, timeout, what=command)
+
+    def _run(self, command: str, timeout: float, what: str) -> ShellResult:
+        deadline = time.monotonic() + timeout
+        try:
+            channel = self._ready().get_transport().open_session(timeout=self.connect_timeout_s)
+            channel.set_combine_stderr(True)
+            channel.exec_command(command_line(["sh", "-c", _WRAP, "sh", command]))
+        except DeviceError:
+            raise
+        except Exception as exc:   # SSHException, EOFError, OSError: the link is gone
+            raise self._lost(f"cannot start `{what[:80]}`", exc) from exc
+        chunks: list[bytes] = []
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                channel.settimeout(left)
+                chunk = channel.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            self._kill_group(_pgid(b"".join(chunks)), why="timed out")
+            raise DeviceError(timeout_message(what, timeout, self.describe())) from None
+        except (EOFError, OSError):
+            pass        # the link went down mid-command: told apart below by the missing exit status
+        finally:
+            channel.close()
+        output = b"".join(chunks).decode("utf-8", "replace")
+        mark = output.rfind(_EXIT_MARK)
+        if mark < 0 and not self._alive():
+            group = _pgid(output.encode())
+            if group:
+                self.orphans.append(group)
+            raise DeviceError(f"connection to {self.describe()} lost while running `{what[:80]}`: check the link; "
+                              "the command is killed when the link is back", retryable=True)
+        if mark < 0:
+            raise DeviceError(f"`{what[:80]}` on {self.describe()} ended without an exit status: check the board's "
+                              "sh and its log (dmesg)")
+        try:
+            code = int(output[mark + len(_EXIT_MARK):].strip())
+        except ValueError:
+            raise DeviceError(f"`{what[:80]}` on {self.describe()}: unreadable exit status: check the board's sh") from None
+        start = output.find(_PGID_MARK)
+        start = output.find("\n", start) + 1 if start >= 0 else 0
+        return ShellResult(code, output[start:mark])
+
+    def _kill_group(self, group: Optional[int], why: str) -> None:
+        """SIGKILL to a command's process group (never the sshd session itself: sshd set it apart with setsid)."""
+        if not group:
+            log.warning("%s: a command %s but its process group is unknown (no /proc?): it may still run", self.describe(), why)
+            return
+        try:
+            # no `--`: dash's kill (Debian's sh) refuses it; a negative pid after the signal is a group anywhere
+            self._run(command_line(["kill", "-KILL", f"-{group}"]), self.io_timeout_s, what=f"kill -KILL -{group}")
+        except DeviceError as exc:
+            log.warning("%s: could not kill process group %d (%s): it may still run", self.describe(), group, exc)
+            if exc.retryable:
+                self.orphans.append(group)
+
+    def _kill_orphans(self) -> None:
+        while self.orphans:
+            group = self.orphans.pop(0)
+            log.warning("%s: killing process group %d, left running when the link dropped", self.describe(), group)
+            self._kill_group(group, why="lost its link")
+
+    # ---- files -----------------------------------------------------------------------------------
+    def _files(self, verb: str, remote: str, work: Callable[["paramiko.SFTPClient"], T]) -> T:
+        """Run an SFTP step; a dead link is a retryable DeviceError, the board's refusal is not."""
+        try:
+            if self._sftp is None or not self._alive():
+                self._sftp = self._ready().open_sftp()
+            return work(self._sftp)
+        except DeviceError:
+            raise
+        except Exception as exc:   # IOError with the server's answer, or SSHException/EOFError/OSError on a dead link
+            if not self._alive() or not isinstance(exc, OSError):
+                self._sftp = None
+                raise self._lost(f"{verb} {remote}", exc) from exc
+            raise self._board_refused(verb, remote, exc) from exc
+
+    def _board_refused(self, verb: str, remote: str, exc: OSError) -> DeviceError:
+        action = f"{verb} {remote}"
+        if exc.errno == errno.ENOENT:
+            return DeviceError(f"{action}: no such file on {self.describe()}: check the step that should write it")
+        if "size mismatch" in str(exc):
+            return DeviceError(f"{action}: the file arrived incomplete ({exc})", retryable=True)
+        text = exc.strerror or str(exc)
+        if text == "Failure":   # sftp-server reports ENOSPC, EROFS and most write errors as "Failure"
+            text = "Failure (sftp's answer for a full disk and most write errors: check `df -h` there)"
+        return DeviceError(sync_fail_message(verb, remote, text))
+
+    def _push_once(self, local: Path, remote: str) -> None:
+        parent = posixpath.dirname(remote)
+        if parent and parent not in self._made:
+            made = self.shell(["mkdir", "-p", parent], timeout=self.io_timeout_s)
+            if not made.ok:
+                raise DeviceError(sync_fail_message("push", remote, made.output.strip()[:200]))
+            self._made.add(parent)
+        partial = remote + ".partial"
+
+        def send(sftp: "paramiko.SFTPClient") -> None:
+            sftp.put(str(local), partial, confirm=True)
+            sftp.chmod(partial, local.stat().st_mode & 0o777)   # the C++ runner must stay executable
+            sftp.posix_rename(partial, remote)
+
+        self._files("push", remote, send)
+
+    def _pull_once(self, remote: str, local: Path) -> None:
+        self._files("pull", remote, lambda sftp: sftp.get(remote, str(local)))
+
+    def _exists_once(self, remote: str) -> bool:
+        def stat(sftp: "paramiko.SFTPClient") -> bool:
+            try:
+                sftp.stat(remote)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return self._files("stat", remote, stat)
+
+
+def _pgid(output: bytes) -> Optional[int]:
+    found = re.search(_PGID_MARK.encode() + rb"(\d+)", output)
+    return int(found[1]) if found else None
+
+
+def _known_name(target: SshTarget) -> str:
+    return target.host if target.port == 22 else f"[{target.host}]:{target.port}"
+
+
+def ssh_transport(address: str, *, user: Optional[str] = None, port: Optional[int] = None,
+                  key_file: Optional[str] = None, known_hosts: Optional[str] = None,
+                  config_file: Path = DEFAULT_SSH_CONFIG, **kwargs) -> SshTransport:
+    return SshTransport(resolve_target(address, user=user, port=port, key_file=key_file, config_file=config_file),
+                        known_hosts=known_hosts, **kwargs)

@@ -1,0 +1,300 @@
+"""The ssh transport against a real sshd (Debian openssh-server) started here on a loopback port, with a
+throwaway host key and user key, running as the current user: quoting, exit status, push/pull integrity,
+the deploy cache, ~/.ssh/config, a timeout and a dropped link that both kill the command's process group,
+and the login failures that name their fix. The "board" is this machine: its folder is in tmp_path."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from rkbench.device.deploy import deploy_with_report
+from rkbench.device.transport import sha256_file
+from rkbench.errors import DeviceError
+
+paramiko = pytest.importorskip("paramiko", reason="paramiko is not installed: pip install paramiko")
+from rkbench.device.ssh import SshTransport, resolve_target, ssh_transport  # noqa: E402
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+KEYGEN = shutil.which("ssh-keygen")
+
+
+@dataclass
+class Sshd:
+    port: int
+    user_key: Path
+    known_hosts: Path
+    folder: Path
+    log: Path
+
+    def transport(self, **kwargs) -> SshTransport:
+        return ssh_transport(f"127.0.0.1:{self.port}", key_file=str(self.user_key), known_hosts=str(self.known_hosts),
+                             config_file=self.folder / "no-ssh-config", connect_timeout_s=10, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "rkbench-test", "-f", str(path)], check=True,
+                   stdin=subprocess.DEVNULL, timeout=30)
+    return path.with_name(path.name + ".pub").read_text().strip()
+
+
+def _sshd_config(folder: Path, port: int) -> str:
+    # The board's python is this venv's python (board.runtime=onnxruntime needs its onnxruntime): its folder
+    # goes first on the session's PATH, as a board's login would put a venv there.
+    path = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
+    return "\n".join([
+        f"ListenAddress 127.0.0.1:{port}", f"HostKey {folder / 'host_key'}", f"PidFile {folder / 'sshd.pid'}",
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}", "StrictModes no", "UsePAM no",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+        "Subsystem sftp internal-sftp", f"SetEnv PATH={path}", "LogLevel ERROR", ""])
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    if not os.path.exists(SSHD) or not KEYGEN:
+        pytest.skip("no sshd/ssh-keygen here (apt-get install openssh-server): the ssh transport tests need a real sshd")
+    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+        os.makedirs("/run/sshd", mode=0o755)   # sshd's privilege separation folder, as Debian's ssh.service makes it
+    folder = tmp_path_factory.mktemp("sshd")
+    host_pub = _keygen(folder / "host_key")
+    (folder / "authorized_keys").write_text(_keygen(folder / "user_key") + "\n")
+    port = _free_port()
+    (folder / "sshd_config").write_text(_sshd_config(folder, port))
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_pub.split()[:2])}\n")
+    log = folder / "sshd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"sshd did not start here: {log.read_text()[-300:]}")
+                time.sleep(0.05)
+        yield Sshd(port, folder / "user_key", folder / "known_hosts", folder, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ssh(sshd: Sshd) -> Iterator[SshTransport]:
+    transport = sshd.transport()
+    yield transport
+    transport.close()
+
+
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _wait_for(path: Path, within_s: float = 10.0) -> str:
+    deadline = time.monotonic() + within_s
+    while not (path.exists() and path.read_text().strip()):
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def test_exit_status_merged_output_and_signals(ssh: SshTransport) -> None:
+    result = ssh.shell(["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=20)
+    assert result.exit_code == 3
+    assert result.output.split() == ["out", "err"]
+    assert ssh.shell(["true"], timeout=20).ok
+    assert ssh.shell(["sh", "-c", "kill -9 $$"], timeout=20).exit_code == 128 + 9   # as the runner's OOM kill reads
+    assert not ssh.emulated and ssh.describe().startswith("ssh:")
+
+
+def test_quoting_never_runs_paths_or_values(ssh: SshTransport, tmp_path: Path) -> None:
+    echoed = ssh.shell(["echo", "$(id)", "'", '"', "a;b", "*", "$HOME", "`id`", "a  b"], timeout=20)
+    assert echoed.output == "$(id) ' \" a;b * $HOME `id` a  b\n"
+    local = tmp_path / "weights.bin"
+    local.write_bytes(b"payload")
+    board = tmp_path / "board"
+    remote = f"{board}/q/a b $(touch PWNED) `touch PWNED2`; touch PWNED3 \"x'.bin"
+    ssh.push(local, remote)
+    assert Path(remote).read_bytes() == b"payload"
+    assert ssh.shell(["cat", remote], timeout=20).output == "payload"
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.home().glob("PWNED*"))
+
+
+def test_push_pull_integrity_mode_and_missing_files(ssh: SshTransport, tmp_path: Path) -> None:
+    local = tmp_path / "model.bin"
+    local.write_bytes(random.Random(7).randbytes(700 * 1024))
+    local.chmod(0o755)
+    remote = f"{tmp_path}/board/deep/er/model.bin"
+    assert not ssh.exists(remote)
+    ssh.push(local, remote)
+    assert ssh.exists(remote) and not Path(remote + ".partial").exists()
+    assert ssh.sha256(remote) == sha256_file(local)
+    assert os.stat(remote).st_mode & 0o777 == 0o755          # an executable (the C++ runner) stays one
+    back = tmp_path / "back" / "model.bin"
+    ssh.pull(remote, back)
+    assert sha256_file(back) == sha256_file(local)
+    with pytest.raises(DeviceError, match="no such file") as info:
+        ssh.pull(f"{tmp_path}/board/missing.json", tmp_path / "x")
+    assert not info.value.retryable
+    assert ssh.sha256(f"{tmp_path}/board/missing.json") is None
+
+
+def test_deploy_cache_skips_what_the_board_has(sshd: Sshd, tmp_path: Path) -> None:
+    files = {}
+    for i in range(3):
+        files[f"f{i}"] = tmp_path / f"f{i}.bin"
+        files[f"f{i}"].write_bytes(random.Random(i).randbytes(5000))
+    root = f"{tmp_path}/board"
+    first = sshd.transport()
+    try:
+        report = deploy_with_report(first, files, root)
+        assert sorted(report.pushed) == ["f0", "f1", "f2"] and not report.skipped
+        for name, remote in report.paths.items():
+            assert sha256_file(Path(remote)) == sha256_file(files[name])
+    finally:
+        first.close()
+    second = sshd.transport()        # a new link (a new process): the board's hashes decide
+    try:
+        files["f3"] = tmp_path / "f3.bin"
+        files["f3"].write_bytes(b"new")
+        again = deploy_with_report(second, files, root)
+        assert again.pushed == ["f3"] and sorted(again.skipped) == ["f0", "f1", "f2"]
+    finally:
+        second.close()
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+def test_timeout_kills_the_commands_process_group(ssh: SshTransport, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    started = time.monotonic()
+    with pytest.raises(DeviceError, match="did not finish within 1.5s") as info:
+        ssh.shell(["sh", "-c", 'sleep 60 & echo "$$ $!" > "$1"; wait', "sh", str(pids)], timeout=1.5)
+    assert time.monotonic() - started < 10
+    assert not info.value.retryable                      # a timeout is not retried
+    shell_pid, child_pid = map(int, pids.read_text().split())
+    assert _gone(shell_pid) and _gone(child_pid), "the command outlived its timeout on the board"
+    assert ssh.shell(["echo", "still usable"], timeout=20).output == "still usable\n"
+
+
+def test_runner_group_can_be_killed_by_pgid(ssh: SshTransport, tmp_path: Path) -> None:
+    """What the session does for a runner in its own process group: start it, read its pgid, `kill -- -PGID`."""
+    pidfile = tmp_path / "runner.pid"
+    script = 'setsid sh -c \'sleep 60 & echo "$$ $!" > "$1"; wait\' sh "$1" & wait'
+    done = threading.Event()
+    outcome: dict = {}
+
+    def run() -> None:
+        outcome["result"] = ssh.shell(["sh", "-c", script, "sh", str(pidfile)], timeout=30)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    group, child = map(int, _wait_for(pidfile).split())
+    killed = ssh.shell(["kill", "-TERM", "--", f"-{group}"], timeout=20)
+    assert killed.ok, killed.output
+    assert done.wait(20) and outcome["result"].exit_code == 0
+    assert _gone(group) and _gone(child)
+
+
+def test_dropped_link_is_a_retryable_device_error_and_the_command_dies(sshd: Sshd, tmp_path: Path) -> None:
+    transport = sshd.transport()
+    pids = tmp_path / "pids"
+    try:
+        def cut() -> None:
+            _wait_for(pids)
+            transport._client.get_transport().sock.shutdown(socket.SHUT_RDWR)   # the cable is pulled
+
+        threading.Thread(target=cut, daemon=True).start()
+        with pytest.raises(DeviceError, match="connection to .* lost") as info:
+            transport.shell(["sh", "-c", 'sleep 60 & echo "$$ $!" > "$1"; wait', "sh", str(pids)], timeout=30)
+        assert info.value.retryable
+        shell_pid, child_pid = map(int, pids.read_text().split())
+        assert not _gone(child_pid, within_s=0.5), "sshd alone does not stop a command without a pty"
+        assert transport.orphans
+        transport.recover()                                 # the link is back: the orphaned group is killed
+        assert not transport.orphans
+        assert _gone(shell_pid) and _gone(child_pid)
+        assert transport.shell(["true"], timeout=20).ok
+    finally:
+        transport.close()
+
+
+def test_a_dead_link_during_files_is_retried_after_reconnecting(sshd: Sshd, tmp_path: Path) -> None:
+    transport = sshd.transport()
+    local = tmp_path / "a.bin"
+    local.write_bytes(b"x" * 4096)
+    try:
+        transport.push(local, f"{tmp_path}/board/a.bin")
+        transport._client.get_transport().sock.shutdown(socket.SHUT_RDWR)
+        transport.pull(f"{tmp_path}/board/a.bin", tmp_path / "back.bin")     # retry: recover, then pull
+        assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+    finally:
+        transport.close()
+
+
+def _empty(folder: Path) -> Path:
+    (folder / "empty_known_hosts").write_text("")
+    return folder / "empty_known_hosts"
+
+
+def test_login_failures_name_the_fix(sshd: Sshd, tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match="ssh-keyscan -p") as unknown:
+        ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(sshd.user_key), known_hosts=str(_empty(tmp_path)),
+                      config_file=tmp_path / "none", connect_timeout_s=10)
+    assert not unknown.value.retryable
+    other = tmp_path / "other_key"
+    _keygen(other)
+    with pytest.raises(DeviceError, match="authorized_keys .*board.ssh_key") as refused:
+        ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(other), known_hosts=str(sshd.known_hosts),
+                      config_file=tmp_path / "none", connect_timeout_s=10)
+    assert not refused.value.retryable
+    with pytest.raises(DeviceError, match="sshd runs there") as down:
+        ssh_transport(f"127.0.0.1:{_free_port()}", key_file=str(sshd.user_key), known_hosts=str(sshd.known_hosts),
+                      config_file=tmp_path / "none", connect_timeout_s=5)
+    assert down.value.retryable
+
+
+def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(f"Host rk3588-lab\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {getpass.getuser()}\n"
+                      f"  IdentityFile {sshd.user_key}\n")
+    target = resolve_target("rk3588-lab", config_file=config)
+    assert (target.host, target.port, target.key_files) == ("127.0.0.1", sshd.port, (str(sshd.user_key),))
+    assert resolve_target("me@rk3588-lab:2222", config_file=config).port == 2222
+    transport = SshTransport(target, known_hosts=str(sshd.known_hosts), connect_timeout_s=10)
+    try:
+        assert transport.shell(["echo", "hi"], timeout=20).output == "hi\n"
+        assert transport.describe() == f"ssh:{target.user}@rk3588-lab:{sshd.port}"
+    finally:
+        transport.close()
