@@ -28,6 +28,7 @@ FAMILIES = ("yolov8", "yolov5")
 CORE_MASKS = ("auto", "0", "1", "2", "0_1", "0_1_2", "all")
 QUANT_GROUPS = tuple(range(32, 257, 32))    # quant_method=group<N>
 BOARD_RUNTIMES = ("rknnlite", "onnxruntime")
+BOARD_TRANSPORTS = ("adb", "ssh")            # how the board is reached: rkbench/device/adb.py, rkbench/device/ssh.py
 CPP_OUTPUTS = ("float", "int8")            # measure.cpp_outputs: want_float=1, or int8 dequantised by the runner
 RUNNERS = ("python", "cpp")                 # the on-device runner: rkbench/device/runner.py or cpp/rkbench_runner.cpp
 # NPU cores per SoC: core masks other than auto only exist on the multi-core parts.
@@ -98,14 +99,20 @@ class MeasureConfig:
 
 @dataclass
 class BoardConfig:
+    transport: str = "adb"                  # adb | ssh (Debian boards running sshd and no adbd)
     serial: Optional[str] = None
-    address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
+    address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555; ssh: HOST, USER@HOST[:PORT] or a ~/.ssh/config Host
     adb_host: str = "127.0.0.1"
     adb_port: int = 5037
     remote_root: str = "/data/local/tmp/rkbench"
     python: str = "python3"
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
     timeout_s: float = 600.0
+    # ssh only; unset = what ~/.ssh/config says for board.address, else ssh's defaults. Never a password.
+    ssh_user: Optional[str] = None
+    ssh_port: Optional[int] = None
+    ssh_key: Optional[str] = None           # private key file (else IdentityFile, ssh-agent, ~/.ssh/id_*)
+    ssh_known_hosts: Optional[str] = None   # default ~/.ssh/known_hosts; an unknown board is refused
 
 
 @dataclass
@@ -277,8 +284,14 @@ def validate(run: RunConfig) -> None:
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
 
-    if run.target == "board" and not (run.board.serial or run.board.address):
+    _choice("board.transport", run.board.transport, BOARD_TRANSPORTS)
+    if run.target == "board" and run.board.transport == "adb" and not (run.board.serial or run.board.address):
         raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
+    if run.target == "board" and run.board.transport == "ssh" and not run.board.address:
+        raise ConfigError("board.transport=ssh needs board.address=HOST (USER@HOST:PORT, or a Host of ~/.ssh/config)")
+    for key, value in (("board.ssh_key", run.board.ssh_key), ("board.ssh_known_hosts", run.board.ssh_known_hosts)):
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{key}={value} is not a file: give the path of an existing file, or leave it unset")
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)

@@ -23,10 +23,13 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, TypeVar
 
 from rkbench.device.sandbox import BoardRoot
 from rkbench.errors import DeviceError
+
+if TYPE_CHECKING:
+    from rkbench.config import BoardConfig
 
 log = logging.getLogger("rkbench.device")
 T = TypeVar("T")
@@ -240,6 +243,18 @@ def sync_fail_message(action: str, remote: str, message: str) -> str:
     if "Read-only" in message or "Permission denied" in message:
         return f"{action} to {remote} failed ({message}): set board.remote_root to a writable directory such as /data/local/tmp/rkbench"
     return f"{action} {remote} failed on the board: {message}; check the path and the board's storage"
+
+
+def open_transport(board: "BoardConfig") -> Transport:
+    """The transport `board.transport` names (adb or ssh), reaching the board its settings describe."""
+    if board.transport == "ssh":
+        from rkbench.device.ssh import ssh_transport
+        if not board.address:
+            raise DeviceError("board.transport=ssh needs board.address=HOST (USER@HOST:PORT, or a Host of ~/.ssh/config)")
+        return ssh_transport(board.address, user=board.ssh_user, port=board.ssh_port, key_file=board.ssh_key,
+                             known_hosts=board.ssh_known_hosts)
+    from rkbench.device.adb import AdbTransport
+    return AdbTransport(board.serial, board.address, board.adb_host, board.adb_port)
 
 
 def __getattr__(name: str):

@@ -29,11 +29,10 @@ from typing import Any, Callable, Optional
 from rkbench import metrics as M
 from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
-from rkbench.device.adb import AdbTransport
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
 from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
 from rkbench.device.toolkit_perf import toolkit_perf
-from rkbench.device.transport import Transport
+from rkbench.device.transport import Transport, open_transport
 from rkbench.errors import DeviceError
 from rkbench.stages import Artifact
 from rkbench.stages.evaluate import score
@@ -50,16 +49,16 @@ PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "
 CPP_MODES = ("latency", "eval")
 CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
-# One adb transport per board per process: deploy remembers what it placed per transport object, so a
+# One transport per board per process: deploy remembers what it placed per transport object, so a
 # sweep checks and pushes each file once.
 _TRANSPORTS: dict[tuple, Transport] = {}
 
 
 def connect(run: RunConfig) -> Transport:
     b = run.board
-    key = (b.serial, b.address, b.adb_host, b.adb_port)
+    key = (b.transport, b.serial, b.address, b.adb_host, b.adb_port, b.ssh_user, b.ssh_port, b.ssh_key, b.ssh_known_hosts)
     if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = AdbTransport(b.serial, b.address, b.adb_host, b.adb_port)
+        _TRANSPORTS[key] = open_transport(b)
     return _TRANSPORTS[key]
 
 
@@ -304,6 +303,9 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     if run.measure.toolkit_perf and rknn_art is not None:
         if where == "emulator":
             tags["rkbench.toolkit_perf"] = "skipped: the emulated board has no NPU and no rknn_server"
+        elif transport.kind != "adb":
+            tags["rkbench.toolkit_perf"] = (f"skipped: rknn-toolkit2 reaches boards over adb only, not {transport.kind} "
+                                            "(board.transport=adb for eval_perf / eval_memory)")
         else:
             found, perf_tags, files = toolkit_perf(rknn_art.path, run.platform, getattr(transport, "serial", ""),
                                                    facts.dmc, session.local_dir / "toolkit_perf")

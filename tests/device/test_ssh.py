@@ -58,14 +58,15 @@ def _keygen(path: Path) -> str:
 
 
 def _sshd_config(folder: Path, port: int) -> str:
-    # The board's python is this venv's python (board.runtime=onnxruntime needs its onnxruntime): its folder
-    # goes first on the session's PATH, as a board's login would put a venv there.
+    # The board's python3 is this venv's python (board.runtime=onnxruntime needs its onnxruntime): its folder
+    # goes first on the session's PATH, as a board's login would put a venv there. SHLVL=1 keeps bash from
+    # reading this machine's ~/.bashrc (bash reads it under sshd only at level 1), which may move PATH.
     path = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
     return "\n".join([
         f"ListenAddress 127.0.0.1:{port}", f"HostKey {folder / 'host_key'}", f"PidFile {folder / 'sshd.pid'}",
         f"AuthorizedKeysFile {folder / 'authorized_keys'}", "StrictModes no", "UsePAM no",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
-        "Subsystem sftp internal-sftp", f"SetEnv PATH={path}", "LogLevel ERROR", ""])
+        "Subsystem sftp internal-sftp", f"SetEnv PATH={path} SHLVL=1", "LogLevel ERROR", ""])
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +299,38 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
         assert transport.describe() == f"ssh:{target.user}@rk3588-lab:{sshd.port}"
     finally:
         transport.close()
+
+
+# ------------------------------------------------------------------------------------------------ a board run
+
+@pytest.mark.slow
+def test_board_run_over_ssh_logs_board_metrics(sshd: Sshd, tmp_path: Path, monkeypatch) -> None:
+    """target=board, board.transport=ssh, the Python runner on this machine's python with ONNX Runtime."""
+    from mlflow.tracking import MlflowClient
+
+    from rkbench.__main__ import main
+    from rkbench.config import ASSETS
+    from rkbench.stages import board as stage
+
+    monkeypatch.setattr(stage, "_TRANSPORTS", {})
+    monkeypatch.chdir(tmp_path)                  # Hydra writes its folders in the working directory
+    model = [] if (ASSETS / "demo_yolov8n.pt").exists() else ["model.weights=null", "model.yaml=yolov8n.yaml"]
+    argv = [f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=ssh", "dataset.limit=4", "calib.size=2", "resolution=160", "target=board",
+            "runner=python", "board.transport=ssh", f"board.address=127.0.0.1:{sshd.port}",
+            f"board.ssh_key={sshd.user_key}", f"board.ssh_known_hosts={sshd.known_hosts}",
+            f"board.remote_root={tmp_path / 'board'}", f"board.python={sys.executable}", "board.runtime=onnxruntime",
+            "measure.modes=[latency,eval]", "measure.iterations=5", "measure.min_seconds=0.2", "measure.warmup=1",
+            "eval.float_reference=false", *model]
+    assert main(argv) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("ssh").experiment_id])
+    m, tags = run.data.metrics, run.data.tags
+    assert tags["rkbench.status"] == "FINISHED" and tags["rkbench.device_kind"] == "board"
+    assert tags["board.transport"] == f"ssh:{getpass.getuser()}@127.0.0.1:{sshd.port}"
+    assert 0 < m["latency/board_py_infer_ms_min"] <= m["latency/board_py_infer_ms_p50"]
+    assert m["throughput/board_single_fps"] > 0 and m["system/board_latency_peak_rss_mib"] > 10
+    assert "eval/map50_95" in m and m["counts/c0.25/gt"] > 0
+    assert m["deploy/pushed"] >= 3 and not any(k.startswith("latency/emulator_") for k in m)
+    cached = list((tmp_path / "board" / "cache").glob("*/runner.py"))
+    assert len(cached) == 1            # the runner ran from the board's cache folder, pushed over SFTP
