@@ -301,6 +301,35 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
         transport.close()
 
 
+# ------------------------------------------------------------------------------------------------ settings
+
+@pytest.mark.parametrize("board, fragment", [
+    (dict(transport="scp"), "board.transport"),
+    (dict(transport="ssh"), "board.transport=ssh needs board.address"),
+    (dict(transport="ssh", address="rk", ssh_key="/nonexistent/id_ed25519"), "board.ssh_key"),
+    (dict(transport="ssh", address="rk", ssh_known_hosts="/nonexistent/known_hosts"), "board.ssh_known_hosts"),
+])
+def test_ssh_settings_are_checked_before_any_work(board: dict, fragment: str) -> None:
+    from rkbench.config import BoardConfig, ModelConfig, RunConfig, validate
+    from rkbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        validate(RunConfig(model=ModelConfig(yaml="yolov8n.yaml"), target="board", board=BoardConfig(**board)))
+    validate(RunConfig(model=ModelConfig(yaml="yolov8n.yaml"), target="board",
+                       board=BoardConfig(transport="ssh", address="me@rk3588:2222")))
+
+
+def test_doctor_over_ssh(sshd: Sshd, capsys: pytest.CaptureFixture[str]) -> None:
+    from rkbench.device import doctor
+
+    argv = ["board.transport=ssh", f"board.address=127.0.0.1:{sshd.port}", f"board.ssh_key={sshd.user_key}",
+            f"board.ssh_known_hosts={sshd.known_hosts}", f"board.remote_root={sshd.folder}", "--host-toolkit", "2.5.0"]
+    code = doctor.main(argv)
+    out = capsys.readouterr().out
+    assert f"ssh:{getpass.getuser()}@127.0.0.1:{sshd.port}" in out
+    assert code == 1 and "Rockchip" in out        # this machine is no RK3588: doctor says so, over ssh
+
+
 # ------------------------------------------------------------------------------------------------ a board run
 
 @pytest.mark.slow
