@@ -71,18 +71,27 @@ def resolve_target(address: str, *, user: Optional[str] = None, port: Optional[i
     import paramiko
 
     given_user, _, hostport = address.rpartition("@")
-    host, _, given_port = hostport.partition(":")
+    if hostport.startswith("["):                 # [IPv6]:PORT
+        host, _, given_port = hostport[1:].partition("]")
+        given_port = given_port.lstrip(":")
+    elif hostport.count(":") == 1:
+        host, _, given_port = hostport.partition(":")
+    else:                                        # a name, IPv4, or a bare IPv6 address
+        host, given_port = hostport, ""
     if not host or (given_port and not given_port.isdigit()):
         raise DeviceError(f"board.address={address!r} is not HOST, USER@HOST or HOST:PORT: fix board.address")
     seen: dict = {}
     config_file = Path(config_file).expanduser()
     if config_file.is_file():
         seen = paramiko.SSHConfig.from_path(str(config_file)).lookup(host)
-    keys = [key_file] if key_file else list(seen.get("identityfile", []))
-    return SshTarget(host=seen.get("hostname", host),
-                     port=int(port or given_port or seen.get("port", 22)),
-                     user=user or given_user or seen.get("user") or getpass.getuser(),
-                     key_files=tuple(os.path.expanduser(k) for k in keys if os.path.isfile(os.path.expanduser(k))),
+    if key_file:
+        keys: tuple[str, ...] = (os.path.expanduser(key_file),)
+        if not os.path.isfile(keys[0]):
+            raise DeviceError(f"board.ssh_key={key_file} is not a file: give the private key's path, or leave it unset")
+    else:   # as ssh does, IdentityFile entries that do not exist are passed over
+        keys = tuple(k for k in map(os.path.expanduser, seen.get("identityfile", [])) if os.path.isfile(k))
+    return SshTarget(host=seen.get("hostname", host), port=int(port or given_port or seen.get("port", 22)),
+                     user=user or given_user or seen.get("user") or getpass.getuser(), key_files=keys,
                      proxy_command=seen.get("proxycommand"), name=host)
 
 
@@ -114,9 +123,10 @@ class SshTransport(Transport):
         """A real machine answers over ssh (there is no emulated sshd board): its results say `board`."""
         return False
 
-    def _connect(self) -> None:
+    def _connect(self, timeout_s: Optional[float] = None) -> None:
         import paramiko
 
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
         self.close()
         client = paramiko.SSHClient()
         client.load_system_host_keys(self.known_hosts)     # None: ~/.ssh/known_hosts
@@ -125,8 +135,8 @@ class SshTransport(Transport):
         sock = paramiko.ProxyCommand(t.proxy_command) if t.proxy_command else None
         try:
             client.connect(t.host, t.port, username=t.user, key_filename=list(t.key_files) or None, sock=sock,
-                           timeout=self.connect_timeout_s, banner_timeout=self.connect_timeout_s,
-                           auth_timeout=self.connect_timeout_s, allow_agent=True, look_for_keys=not t.key_files)
+                           timeout=timeout_s, banner_timeout=timeout_s, auth_timeout=timeout_s, allow_agent=True,
+                           look_for_keys=not t.key_files)
         except Exception as exc:
             client.close()
             raise self._connect_error(exc) from exc
@@ -167,12 +177,18 @@ class SshTransport(Transport):
         assert self._client is not None
         return self._client
 
+    def reconnect(self, timeout_s: float) -> None:
+        """One try at an answering link within timeout_s (a retryable DeviceError if not); a live link is kept.
+        Connecting kills the commands orphaned by the dropped link."""
+        if not self._alive():
+            self._connect(timeout_s)
+
     def recover(self) -> None:
-        """After a dropped link: connect again within connect_timeout_s, then kill the orphaned commands."""
+        """After a retryable failure: the link back within connect_timeout_s (tries every 0.5 s)."""
         deadline = time.monotonic() + self.connect_timeout_s
         while True:
             try:
-                self._connect()
+                self.reconnect(max(1.0, deadline - time.monotonic()))
                 return
             except DeviceError as exc:
                 if not exc.retryable or time.monotonic() > deadline:

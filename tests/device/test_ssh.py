@@ -293,6 +293,11 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
     target = resolve_target("rk3588-lab", config_file=config)
     assert (target.host, target.port, target.key_files) == ("127.0.0.1", sshd.port, (str(sshd.user_key),))
     assert resolve_target("me@rk3588-lab:2222", config_file=config).port == 2222
+    assert resolve_target("me@rk3588-lab:2222", config_file=config).user == "me"
+    v6 = resolve_target("[fe80::1]:2200", config_file=config)
+    assert (v6.host, v6.port) == ("fe80::1", 2200)
+    with pytest.raises(DeviceError, match="board.ssh_key"):
+        resolve_target("rk3588-lab", key_file=str(tmp_path / "missing"), config_file=config)
     transport = SshTransport(target, known_hosts=str(sshd.known_hosts), connect_timeout_s=10)
     try:
         assert transport.shell(["echo", "hi"], timeout=20).output == "hi\n"
