@@ -153,6 +153,9 @@ class SshTransport(Transport):
         if isinstance(exc, paramiko.BadHostKeyException):
             return DeviceError(f"the host key of {where} is not the one in {known}: if the board was reinstalled, "
                                f"`ssh-keygen -R {_known_name(t)}` and trust it again; otherwise do not connect")
+        if isinstance(exc, paramiko.PasswordRequiredException):   # an AuthenticationException too
+            return DeviceError(f"the key for {where} is encrypted: load it into ssh-agent (`ssh-add`); rkbench "
+                               "never asks for passphrases")
         if isinstance(exc, paramiko.AuthenticationException):
             return DeviceError(f"{where} refused the login ({exc}): put your public key in the board's "
                                "~/.ssh/authorized_keys (`ssh-copy-id`), set board.ssh_key=PATH or load the key into "
@@ -160,9 +163,6 @@ class SshTransport(Transport):
         if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
             return DeviceError(f"{where} is not in {known}: check it is your board, then "
                                f"`ssh-keyscan -p {t.port} {t.host} >> {known}` (or `ssh` to it once by hand)")
-        if isinstance(exc, paramiko.PasswordRequiredException):
-            return DeviceError(f"the key for {where} is encrypted: load it into ssh-agent (`ssh-add`); rkbench "
-                               "never asks for passphrases")
         return DeviceError(f"cannot reach {where} ({str(exc) or type(exc).__name__}): check the board is on and on "
                            "the network and that sshd runs there (`systemctl status ssh`)", retryable=True)
 
@@ -271,8 +271,8 @@ class SshTransport(Transport):
                 self.orphans.append(group)
 
     def _kill_orphans(self) -> None:
-        while self.orphans:
-            group = self.orphans.pop(0)
+        groups, self.orphans = self.orphans, []      # a kill that fails on a dropped link puts its group back
+        for group in groups:
             log.warning("%s: killing process group %d, left running when the link dropped", self.describe(), group)
             self._kill_group(group, why="lost its link")
 

@@ -280,6 +280,11 @@ def test_login_failures_name_the_fix(sshd: Sshd, tmp_path: Path) -> None:
         ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(other), known_hosts=str(sshd.known_hosts),
                       config_file=tmp_path / "none", connect_timeout_s=10)
     assert not refused.value.retryable
+    locked = tmp_path / "locked_key"
+    subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked)], check=True, timeout=30)
+    with pytest.raises(DeviceError, match="encrypted: load it into ssh-agent"):
+        ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(locked), known_hosts=str(sshd.known_hosts),
+                      config_file=tmp_path / "none", connect_timeout_s=10)
     with pytest.raises(DeviceError, match="sshd runs there") as down:
         ssh_transport(f"127.0.0.1:{_free_port()}", key_file=str(sshd.user_key), known_hosts=str(sshd.known_hosts),
                       config_file=tmp_path / "none", connect_timeout_s=5)
