@@ -298,8 +298,8 @@ class SshTransport(Transport):
         if "size mismatch" in str(exc):
             return DeviceError(f"{action}: the file arrived incomplete ({exc})", retryable=True)
         text = exc.strerror or str(exc)
-        if text == "Failure":   # sftp-server reports ENOSPC, EROFS and most write errors as "Failure"
-            text = "Failure (sftp's answer for a full disk and most write errors: check `df -h` there)"
+        if text == "Failure":   # sftp-server reports EROFS, EDQUOT and most write errors as "Failure"
+            text = "Failure (sftp's answer for most write errors: check `df -h` and the folder's permissions there)"
         return DeviceError(sync_fail_message(verb, remote, text))
 
     def _push_once(self, local: Path, remote: str) -> None:
@@ -310,13 +310,36 @@ class SshTransport(Transport):
                 raise DeviceError(sync_fail_message("push", remote, made.output.strip()[:200]))
             self._made.add(parent)
         partial = remote + ".partial"
+        size = local.stat().st_size
 
         def send(sftp: "paramiko.SFTPClient") -> None:
-            sftp.put(str(local), partial, confirm=True)
-            sftp.chmod(partial, local.stat().st_mode & 0o777)   # the C++ runner must stay executable
-            sftp.posix_rename(partial, remote)
+            try:
+                sftp.put(str(local), partial, confirm=True)
+                sftp.chmod(partial, local.stat().st_mode & 0o777)   # the C++ runner must stay executable
+                sftp.posix_rename(partial, remote)
+            except OSError as exc:
+                if not self._alive():
+                    raise
+                # sftp's pipelined writes fail silently: a full disk shows as a short file ("size mismatch")
+                # or a bare "Failure". Ask df while the partial file still fills the disk, then remove it.
+                short = self._short_of_space(parent, size)
+                try:
+                    sftp.remove(partial)
+                except OSError:
+                    pass
+                if short:
+                    raise OSError(errno.ENOSPC, f"No space left on device ({short})") from exc
+                raise
 
         self._files("push", remote, send)
+
+    def _short_of_space(self, folder: str, size: int) -> Optional[str]:
+        """"N KiB free" when the board's partition under `folder` cannot take `size` bytes (df -Pk), else None."""
+        try:
+            free = self.shell(["df", "-Pk", folder], timeout=self.io_timeout_s).output.splitlines()[-1].split()[3]
+            return f"{free} KiB free of the {size // 1024 + 1} KiB needed" if int(free) * 1024 < size else None
+        except (DeviceError, IndexError, ValueError):
+            return None
 
     def _pull_once(self, remote: str, local: Path) -> None:
         self._files("pull", remote, lambda sftp: sftp.get(remote, str(local)))

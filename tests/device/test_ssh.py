@@ -269,6 +269,53 @@ def _empty(folder: Path) -> Path:
     return folder / "empty_known_hosts"
 
 
+def test_link_cut_mid_push_is_retried_and_never_leaves_a_partial_file(sshd: Sshd, tmp_path: Path) -> None:
+    transport = sshd.transport()
+    local = tmp_path / "model.bin"
+    local.write_bytes(random.Random(3).randbytes(24 * 2**20))
+    remote = Path(f"{tmp_path}/board/cut/model.bin")
+    partial = remote.with_name("model.bin.partial")
+
+    def cut() -> None:
+        deadline = time.monotonic() + 20
+        while not (partial.exists() and partial.stat().st_size > 2**20) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        transport._client.get_transport().sock.shutdown(socket.SHUT_RDWR)
+
+    try:
+        cutter = threading.Thread(target=cut, daemon=True)
+        cutter.start()
+        transport.push(local, str(remote))
+        cutter.join(20)
+        assert sha256_file(remote) == sha256_file(local) and not partial.exists()
+    finally:
+        transport.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs as the board's folder (root only: mount)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                           capture_output=True, timeout=20).returncode != 0:
+        pytest.skip("a full disk needs a small tmpfs, and mounting one needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], timeout=20)
+
+
+def test_full_disk_fails_at_once_naming_the_fix(ssh: SshTransport, small_disk: Path, tmp_path: Path) -> None:
+    local = tmp_path / "model.bin"
+    local.write_bytes(random.Random(5).randbytes(600 * 1024))
+    with pytest.raises(DeviceError, match="disk is full .*KiB free.*board.remote_root") as info:
+        ssh.push(local, f"{small_disk}/cache/model.bin")
+    assert not info.value.retryable
+    assert not list(small_disk.rglob("*.bin*"))          # the partial file is gone: the space is back
+    assert ssh.shell(["true"], timeout=20).ok
+
+
 def test_login_failures_name_the_fix(sshd: Sshd, tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="ssh-keyscan -p") as unknown:
         ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(sshd.user_key), known_hosts=str(_empty(tmp_path)),
