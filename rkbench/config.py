@@ -99,20 +99,21 @@ class MeasureConfig:
 
 @dataclass
 class BoardConfig:
-    transport: str = "adb"                  # adb | ssh (Debian boards running sshd and no adbd)
     serial: Optional[str] = None
-    address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555; ssh: HOST, USER@HOST[:PORT] or a ~/.ssh/config Host
+    address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
     adb_host: str = "127.0.0.1"
     adb_port: int = 5037
     remote_root: str = "/data/local/tmp/rkbench"
     python: str = "python3"
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
-    timeout_s: float = 600.0
-    # ssh only; unset = what ~/.ssh/config says for board.address, else ssh's defaults. Never a password.
+    # adb | ssh (sshd and no adbd, as on many Debian boards: board.address is then HOST, USER@HOST[:PORT] or a
+    # Host of ~/.ssh/config). ssh_*: unset = what ~/.ssh/config says, else ssh's defaults. Never a password.
+    transport: str = "adb"
     ssh_user: Optional[str] = None
     ssh_port: Optional[int] = None
     ssh_key: Optional[str] = None           # private key file (else IdentityFile, ssh-agent, ~/.ssh/id_*)
     ssh_known_hosts: Optional[str] = None   # default ~/.ssh/known_hosts; an unknown board is refused
+    timeout_s: float = 600.0
 
 
 @dataclass

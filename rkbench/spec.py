@@ -33,10 +33,12 @@ from rkbench.models.detect import InferenceSpec
 MEASUREMENT_VERSION = 3
 
 # Keys that say where results go or how long to wait, not what is measured.
-NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s",
-                "board.transport", "board.ssh_")     # how the board is reached, not what it measures
+NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s")
 # Tool versions that shape the numbers of any run.
 VERSIONED = ("onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy", "pycocotools", "opencv-python")
+
+# How the board is reached (adb or ssh, the ssh login) is not what it measures either.
+NON_SEMANTIC += ("board.transport", "board.ssh_")
 
 
 def uses_rknn(run: RunConfig) -> bool:

@@ -283,9 +283,11 @@ def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
 
 # Hydra-style keys (as in `python -m rkbench target=board board.address=...`) -> doctor options
 HYDRA_KEYS = {"board.serial": "--serial", "board.address": "--address", "board.adb_host": "--adb-host",
-              "board.adb_port": "--adb-port", "board.remote_root": "--remote-root", "platform": "--platform",
-              "board.transport": "--transport", "board.ssh_user": "--ssh-user", "board.ssh_port": "--ssh-port",
-              "board.ssh_key": "--ssh-key", "board.ssh_known_hosts": "--ssh-known-hosts"}
+              "board.adb_port": "--adb-port", "board.remote_root": "--remote-root", "platform": "--platform"}
+
+# board.transport=ssh and its login (rkbench/device/ssh.py)
+HYDRA_KEYS.update({"board.transport": "--transport", "board.ssh_user": "--ssh-user", "board.ssh_port": "--ssh-port",
+                   "board.ssh_key": "--ssh-key", "board.ssh_known_hosts": "--ssh-known-hosts"})
 
 
 def hydra_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -305,19 +307,19 @@ def hydra_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rkbench doctor", description="Check a board for rkbench.",
                                      epilog="Hydra-style settings work too: board.address=IP:5555 board.serial=S "
-                                            "board.adb_host=H board.adb_port=P board.remote_root=DIR platform=rk3588 "
-                                            "board.transport=ssh board.ssh_user=U board.ssh_port=P board.ssh_key=F")
-    parser.add_argument("--transport", choices=("adb", "ssh"), default="adb", help="how the board is reached")
+                                            "board.adb_host=H board.adb_port=P board.remote_root=DIR platform=rk3588")
     parser.add_argument("--serial", help="adb serial (USB)")
-    parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`); ssh: HOST, USER@HOST:PORT "
-                                          "or a Host of ~/.ssh/config")
-    for key in ("user", "port", "key", "known-hosts"):
-        parser.add_argument(f"--ssh-{key}", type=int if key == "port" else str, help="ssh only (default: ~/.ssh/config)")
+    parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
     parser.add_argument("--adb-host", default="127.0.0.1")
     parser.add_argument("--adb-port", type=int, default=5037)
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
+    parser.add_argument("--transport", choices=("adb", "ssh"), default="adb",
+                        help="adb, or ssh: --address is then HOST, USER@HOST:PORT or a Host of ~/.ssh/config "
+                             "(board.transport=ssh board.ssh_user=U board.ssh_port=P board.ssh_key=F work too)")
+    for key in ("user", "port", "key", "known-hosts"):
+        parser.add_argument(f"--ssh-{key}", type=int if key == "port" else str, help="ssh only (default: ~/.ssh/config)")
     args = parser.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), parser))
     try:
         from rkbench.config import BoardConfig
