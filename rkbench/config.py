@@ -272,6 +272,14 @@ def validate(run: RunConfig) -> None:
     if m.anchors is not None and (len(m.anchors) != 3 or any(len(row) != 6 for row in m.anchors)):
         raise ConfigError("model.anchors must be 3 rows of 6 numbers (w,h pairs per scale, pixels), as in the yolov5 yaml")
 
+    # the board's transport before the adb-worded board.address check below
+    _choice("board.transport", run.board.transport, BOARD_TRANSPORTS)
+    if run.target == "board" and run.board.transport == "ssh" and not run.board.address:
+        raise ConfigError("board.transport=ssh needs board.address=HOST (USER@HOST:PORT, or a Host of ~/.ssh/config)")
+    for key, value in (("board.ssh_key", run.board.ssh_key), ("board.ssh_known_hosts", run.board.ssh_known_hosts)):
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{key}={value} is not a file: give the path of an existing file, or leave it unset")
+
     d = run.dataset
     _choice("dataset.kind", d.kind, ("demo", "coco", "yolo"))
     if d.kind == "coco" and not (d.annotations and d.images):
@@ -285,14 +293,8 @@ def validate(run: RunConfig) -> None:
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
 
-    _choice("board.transport", run.board.transport, BOARD_TRANSPORTS)
-    if run.target == "board" and run.board.transport == "adb" and not (run.board.serial or run.board.address):
+    if run.target == "board" and not (run.board.serial or run.board.address):
         raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
-    if run.target == "board" and run.board.transport == "ssh" and not run.board.address:
-        raise ConfigError("board.transport=ssh needs board.address=HOST (USER@HOST:PORT, or a Host of ~/.ssh/config)")
-    for key, value in (("board.ssh_key", run.board.ssh_key), ("board.ssh_known_hosts", run.board.ssh_known_hosts)):
-        if value and not Path(value).expanduser().is_file():
-            raise ConfigError(f"{key}={value} is not a file: give the path of an existing file, or leave it unset")
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)

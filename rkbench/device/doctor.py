@@ -309,17 +309,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      epilog="Hydra-style settings work too: board.address=IP:5555 board.serial=S "
                                             "board.adb_host=H board.adb_port=P board.remote_root=DIR platform=rk3588")
     parser.add_argument("--serial", help="adb serial (USB)")
+    parser.add_argument("--transport", choices=("adb", "ssh"), default="adb",
+                        help="adb, or ssh: --address is then HOST, USER@HOST:PORT or a Host of ~/.ssh/config "
+                             "(board.transport=ssh board.ssh_user=U board.ssh_port=P board.ssh_key=F work too)")
+    for key in ("user", "port", "key", "known-hosts"):
+        parser.add_argument(f"--ssh-{key}", type=int if key == "port" else str, help="ssh only (default: ~/.ssh/config)")
     parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
     parser.add_argument("--adb-host", default="127.0.0.1")
     parser.add_argument("--adb-port", type=int, default=5037)
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
-    parser.add_argument("--transport", choices=("adb", "ssh"), default="adb",
-                        help="adb, or ssh: --address is then HOST, USER@HOST:PORT or a Host of ~/.ssh/config "
-                             "(board.transport=ssh board.ssh_user=U board.ssh_port=P board.ssh_key=F work too)")
-    for key in ("user", "port", "key", "known-hosts"):
-        parser.add_argument(f"--ssh-{key}", type=int if key == "port" else str, help="ssh only (default: ~/.ssh/config)")
     args = parser.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), parser))
     try:
         from rkbench.config import BoardConfig
