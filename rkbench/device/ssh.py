@@ -5,7 +5,7 @@ wrapped in `sh -c` that first prints its process group (sshd starts every sessio
 group is the command and everything it starts) and last prints the exit status (`$?`, 128 + N for a
 process killed by signal N: sshd's exit-signal message is not read by paramiko). Closing a channel does
 not stop a command that has no pty - real adbd behaves the same - so rkbench stops it itself: past its
-timeout the group is killed (`kill -KILL -- -PGID` on a second channel), and the group of a command whose
+timeout the group is killed (`kill -KILL -PGID` on a second channel), and the group of a command whose
 link dropped is killed as soon as the link is back.
 
 Files go over SFTP (sshd's sftp subsystem, OpenSSH's default): written to `<path>.partial`, given the
@@ -170,6 +170,16 @@ class SshTransport(Transport):
         transport = self._client.get_transport() if self._client else None
         return bool(transport and transport.is_active())
 
+    def _link_dropped(self, settle_s: float = 1.0) -> bool:
+        """Whether the link is down. paramiko closes the channels of a dead link a moment before it marks the
+        link inactive, so a channel that just ended is given settle_s to tell."""
+        deadline = time.monotonic() + settle_s
+        while self._alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def _ready(self) -> "paramiko.SSHClient":
         """The connected client; a link found dead is connected again first (as adb does for TCP boards)."""
         if not self._alive():
@@ -240,7 +250,7 @@ class SshTransport(Transport):
             channel.close()
         output = b"".join(chunks).decode("utf-8", "replace")
         mark = output.rfind(_EXIT_MARK)
-        if mark < 0 and not self._alive():
+        if mark < 0 and self._link_dropped():
             group = _pgid(output.encode())
             if group:
                 self.orphans.append(group)
@@ -286,7 +296,8 @@ class SshTransport(Transport):
         except DeviceError:
             raise
         except Exception as exc:   # IOError with the server's answer, or SSHException/EOFError/OSError on a dead link
-            if not self._alive() or not isinstance(exc, OSError):
+            # the board's answers carry an errno (no such file, permission); other errors may be the link's
+            if not isinstance(exc, OSError) or (exc.errno is None and self._link_dropped()):
                 self._sftp = None
                 raise self._lost(f"{verb} {remote}", exc) from exc
             raise self._board_refused(verb, remote, exc) from exc
@@ -318,7 +329,7 @@ class SshTransport(Transport):
                 sftp.chmod(partial, local.stat().st_mode & 0o777)   # the C++ runner must stay executable
                 sftp.posix_rename(partial, remote)
             except OSError as exc:
-                if not self._alive():
+                if self._link_dropped():
                     raise
                 # sftp's pipelined writes fail silently: a full disk shows as a short file ("size mismatch")
                 # or a bare "Failure". Ask df while the partial file still fills the disk, then remove it.
