@@ -389,28 +389,46 @@ def test_doctor_over_ssh(sshd: Sshd, capsys: pytest.CaptureFixture[str]) -> None
 
 # ------------------------------------------------------------------------------------------------ a board run
 
-@pytest.mark.slow
-def test_board_run_over_ssh_logs_board_metrics(sshd: Sshd, tmp_path: Path, monkeypatch) -> None:
+@dataclass
+class BoardRuns:
+    folder: Path
+    argv: list[str]
+
+    def run(self, *extra: str) -> dict:
+        """One `python -m rkbench` on the ssh board (a fresh transport, as in a new process); its MLflow run."""
+        from mlflow.tracking import MlflowClient
+
+        from rkbench.__main__ import main
+        from rkbench.stages import board as stage
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stage, "_TRANSPORTS", {})
+            patch.chdir(self.folder)              # Hydra writes its folders in the working directory
+            assert main(self.argv + list(extra)) == 0
+        client = MlflowClient(tracking_uri=f"sqlite:///{self.folder / 'mlflow.db'}")
+        return client.search_runs([client.get_experiment_by_name("ssh").experiment_id],
+                                  order_by=["attributes.start_time DESC"])[0]
+
+
+@pytest.fixture(scope="module")
+def board_runs(sshd: Sshd, tmp_path_factory: pytest.TempPathFactory) -> BoardRuns:
     """target=board, board.transport=ssh, the Python runner on this machine's python with ONNX Runtime."""
-    from mlflow.tracking import MlflowClient
-
-    from rkbench.__main__ import main
     from rkbench.config import ASSETS
-    from rkbench.stages import board as stage
 
-    monkeypatch.setattr(stage, "_TRANSPORTS", {})
-    monkeypatch.chdir(tmp_path)                  # Hydra writes its folders in the working directory
+    folder = tmp_path_factory.mktemp("ssh_board")
     model = [] if (ASSETS / "demo_yolov8n.pt").exists() else ["model.weights=null", "model.yaml=yolov8n.yaml"]
-    argv = [f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "tracking.experiment=ssh", "dataset.limit=4", "calib.size=2", "resolution=160", "target=board",
-            "runner=python", "board.transport=ssh", f"board.address=127.0.0.1:{sshd.port}",
-            f"board.ssh_key={sshd.user_key}", f"board.ssh_known_hosts={sshd.known_hosts}",
-            f"board.remote_root={tmp_path / 'board'}", f"board.python={sys.executable}", "board.runtime=onnxruntime",
-            "measure.modes=[latency,eval]", "measure.iterations=5", "measure.min_seconds=0.2", "measure.warmup=1",
-            "eval.float_reference=false", *model]
-    assert main(argv) == 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("ssh").experiment_id])
+    return BoardRuns(folder, [
+        f"cache_dir={folder / 'cache'}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", "tracking.experiment=ssh",
+        "dataset.limit=4", "calib.size=2", "resolution=160", "target=board", "runner=python", "board.transport=ssh",
+        f"board.address=127.0.0.1:{sshd.port}", f"board.ssh_key={sshd.user_key}",
+        f"board.ssh_known_hosts={sshd.known_hosts}", f"board.remote_root={folder / 'board'}",
+        f"board.python={sys.executable}", "board.runtime=onnxruntime", "measure.modes=[latency,eval]",
+        "measure.iterations=5", "measure.min_seconds=0.2", "measure.warmup=1", "eval.float_reference=false", *model])
+
+
+@pytest.mark.slow
+def test_board_run_over_ssh_logs_board_metrics(sshd: Sshd, board_runs: BoardRuns) -> None:
+    run = board_runs.run()
     m, tags = run.data.metrics, run.data.tags
     assert tags["rkbench.status"] == "FINISHED" and tags["rkbench.device_kind"] == "board"
     assert tags["board.transport"] == f"ssh:{getpass.getuser()}@127.0.0.1:{sshd.port}"
@@ -418,5 +436,62 @@ def test_board_run_over_ssh_logs_board_metrics(sshd: Sshd, tmp_path: Path, monke
     assert m["throughput/board_single_fps"] > 0 and m["system/board_latency_peak_rss_mib"] > 10
     assert "eval/map50_95" in m and m["counts/c0.25/gt"] > 0
     assert m["deploy/pushed"] >= 3 and not any(k.startswith("latency/emulator_") for k in m)
-    cached = list((tmp_path / "board" / "cache").glob("*/runner.py"))
+    cached = list((board_runs.folder / "board" / "cache").glob("*/runner.py"))
     assert len(cached) == 1            # the runner ran from the board's cache folder, pushed over SFTP
+
+
+def _runners(folder: Path, attempt: str) -> list[psutil.Process]:
+    """The Python runner processes of this folder's board writing `attempt` (e.g. latency-1.json)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if any(part.endswith("runner.py") for part in cmdline) and str(folder) in " ".join(cmdline) \
+                and any(part.endswith(attempt) for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _poll(find, within_s: float = 60) -> list:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = find()
+        if found:
+            return found
+        time.sleep(0.01)
+    return []
+
+
+@pytest.mark.slow
+def test_link_dropped_while_the_runner_runs_is_retried_and_the_first_runner_dies(board_runs: BoardRuns) -> None:
+    """Measured again (resume=false) in a new process: the board's cache is reused; the link drops while the
+    latency runner runs, that runner is killed once the link is back, before the mode runs once more from
+    scratch (sshd alone would leave it running, busy, beside the second one)."""
+    from rkbench.stages import board as stage
+
+    seen: dict[str, list] = {}
+
+    def drop() -> None:
+        seen["first"] = _poll(lambda: _runners(board_runs.folder, "latency-1.json"))
+        for transport in list(stage._TRANSPORTS.values()):
+            transport._client.get_transport().sock.shutdown(socket.SHUT_RDWR)
+        seen["second"] = _poll(lambda: _runners(board_runs.folder, "latency-2.json"))
+        seen["first_alive_then"] = [p for p in seen["first"] if _running(p)]
+
+    cutter = threading.Thread(target=drop, daemon=True)
+    cutter.start()
+    run = board_runs.run("resume=false", "measure.min_seconds=2")
+    cutter.join(10)
+    m, tags = run.data.metrics, run.data.tags
+    assert seen["first"] and seen["second"], "the two latency runners were not both seen"
+    assert not seen["first_alive_then"], "the first runner still ran when the second started"
+    assert tags["rkbench.status"] == "FINISHED" and "(second attempt)" in tags["rkbench.measure"]
+    # a new process, the board's cache checked by hash: only the spec file (min_seconds changed) is new
+    assert m["deploy/pushed"] == 1 and m["deploy/skipped"] >= 3
+    assert m["latency/board_py_infer_ms_p50"] > 0
