@@ -276,6 +276,9 @@ def validate(run: RunConfig) -> None:
     _choice("board.transport", run.board.transport, BOARD_TRANSPORTS)
     if run.target == "board" and run.board.transport == "ssh" and not run.board.address:
         raise ConfigError("board.transport=ssh needs board.address=HOST (USER@HOST:PORT, or a Host of ~/.ssh/config)")
+    if run.board.transport == "ssh" and not run.board.remote_root.startswith("/"):
+        raise ConfigError(f"board.remote_root={run.board.remote_root} is not absolute (nothing expands ~ on the board): "
+                          "use e.g. /home/<user>/rkbench")
     for key, value in (("board.ssh_key", run.board.ssh_key), ("board.ssh_known_hosts", run.board.ssh_known_hosts)):
         if value and not Path(value).expanduser().is_file():
             raise ConfigError(f"{key}={value} is not a file: give the path of an existing file, or leave it unset")

@@ -317,8 +317,10 @@ class SshTransport(Transport):
         parent = posixpath.dirname(remote)
         if parent and parent not in self._made:
             made = self.shell(["mkdir", "-p", parent], timeout=self.io_timeout_s)
-            if not made.ok:
-                raise DeviceError(sync_fail_message("push", remote, made.output.strip()[:200]))
+            if not made.ok:   # adb's hint (/data/local/tmp) is Android's: name a folder this user owns
+                raise DeviceError(f"cannot create {parent} on {self.describe()} ({made.output.strip()[:200]}): set "
+                                  f"board.remote_root to a folder {self.target.user} can write, such as "
+                                  f"/home/{self.target.user}/rkbench")
             self._made.add(parent)
         partial = remote + ".partial"
         size = local.stat().st_size

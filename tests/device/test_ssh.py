@@ -316,6 +316,13 @@ def test_full_disk_fails_at_once_naming_the_fix(ssh: SshTransport, small_disk: P
     assert ssh.shell(["true"], timeout=20).ok
 
 
+def test_an_unwritable_remote_root_names_a_folder_the_user_owns(ssh: SshTransport, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DeviceError, match=f"board.remote_root to a folder {getpass.getuser()} can write") as info:
+        ssh.push(tmp_path / "file", f"{tmp_path}/file/cache/x.bin")
+    assert not info.value.retryable
+
+
 def test_login_failures_name_the_fix(sshd: Sshd, tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="ssh-keyscan -p") as unknown:
         ssh_transport(f"127.0.0.1:{sshd.port}", key_file=str(sshd.user_key), known_hosts=str(_empty(tmp_path)),
@@ -365,6 +372,7 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
     (dict(transport="ssh"), "board.transport=ssh needs board.address"),
     (dict(transport="ssh", address="rk", ssh_key="/nonexistent/id_ed25519"), "board.ssh_key"),
     (dict(transport="ssh", address="rk", ssh_known_hosts="/nonexistent/known_hosts"), "board.ssh_known_hosts"),
+    (dict(transport="ssh", address="rk", remote_root="~/rkbench"), "not absolute"),
 ])
 def test_ssh_settings_are_checked_before_any_work(board: dict, fragment: str) -> None:
     from rkbench.config import BoardConfig, ModelConfig, RunConfig, validate
