@@ -1,7 +1,8 @@
 """The ssh transport against a real sshd (Debian openssh-server) started here on a loopback port, with a
 throwaway host key and user key, running as the current user: quoting, exit status, push/pull integrity,
 the deploy cache, ~/.ssh/config, a timeout and a dropped link that both kill the command's process group,
-and the login failures that name their fix. The "board" is this machine: its folder is in tmp_path."""
+a link cut mid-push, a full disk, the login failures that name their fix, doctor, and target=board runs.
+The "board" is this machine: its folder is in tmp_path. Without sshd the tests skip, saying so."""
 
 from __future__ import annotations
 
@@ -22,11 +23,9 @@ import psutil
 import pytest
 
 from rkbench.device.deploy import deploy_with_report
+from rkbench.device.ssh import SshTransport, resolve_target, ssh_transport
 from rkbench.device.transport import sha256_file
 from rkbench.errors import DeviceError
-
-paramiko = pytest.importorskip("paramiko", reason="paramiko is not installed: pip install paramiko")
-from rkbench.device.ssh import SshTransport, resolve_target, ssh_transport  # noqa: E402
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 KEYGEN = shutil.which("ssh-keygen")
