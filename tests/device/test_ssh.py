@@ -364,6 +364,25 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
         transport.close()
 
 
+def test_ssh_config_proxy_command_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
+    """A board behind a jump host: ProxyCommand `ssh -W %h:%p` (here through the same sshd)."""
+    client = shutil.which("ssh")
+    if not client:
+        pytest.skip("no ssh client here (apt-get install openssh-client)")
+    config = tmp_path / "config"
+    config.write_text(f"Host rk3588-behind-jump\n  HostName 127.0.0.1\n  Port {sshd.port}\n  IdentityFile {sshd.user_key}\n"
+                      f"  ProxyCommand {client} -F /dev/null -q -i {sshd.user_key} -o IdentitiesOnly=yes "
+                      f"-o UserKnownHostsFile={sshd.known_hosts} -o StrictHostKeyChecking=yes -o BatchMode=yes "
+                      f"-p {sshd.port} -W %h:%p 127.0.0.1\n")
+    target = resolve_target("rk3588-behind-jump", config_file=config)
+    assert target.proxy_command and f"-W 127.0.0.1:{sshd.port}" in target.proxy_command
+    transport = SshTransport(target, known_hosts=str(sshd.known_hosts), connect_timeout_s=10)
+    try:
+        assert transport.shell(["sh", "-c", "echo $SSH_CLIENT"], timeout=20).output.startswith("127.0.0.1 ")
+    finally:
+        transport.close()
+
+
 # ------------------------------------------------------------------------------------------------ settings
 
 @pytest.mark.parametrize("board, fragment", [
