@@ -94,6 +94,7 @@ class MeasureConfig:
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
     cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
+    cpp_pass_through: bool = False          # runner=cpp: input quantised before the clock, rknn_input.pass_through=1
 
 
 @dataclass

@@ -63,7 +63,7 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
      "only the board runner uses it (target={target})"),
     (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
      "only the Python runner on a board uses it (target={target}, runner={runner})"),
-    (("measure.cpp_outputs", "measure.cpp_zero_copy"), lambda r: r.target == "board" and r.runner == "cpp",
+    (("measure.cpp_outputs", "measure.cpp_zero_copy", "measure.cpp_pass_through"), lambda r: r.target == "board" and r.runner == "cpp",
      "only the C++ runner on a board uses it (target={target}, runner={runner})"),
 ]
 

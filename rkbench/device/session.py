@@ -103,6 +103,7 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
     if run.runner == "cpp":   # the C++ runner's own settings (the Python runner never sees them)
         measure["outputs"] = m.cpp_outputs
         measure["zero_copy"] = bool(m.cpp_zero_copy)
+        measure["pass_through"] = bool(m.cpp_pass_through)
     return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
 
 
@@ -167,7 +168,8 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
                arch: str, replay_onnx: Optional[Path] = None) -> Deployed:
     """The C++ runner: its binary for `arch`, the spec file, the .rknn, and the evaluation images letterboxed
     here into raw tensors with their inputs list. With `replay_onnx` (the emulated board, no NPU) also the
-    replay stand-in librknnrt and the ONNX Runtime outputs of exactly those tensors, which it serves."""
+    replay stand-in librknnrt and the ONNX Runtime outputs of exactly those tensors (per batch, and of
+    their pass-through bytes with measure.cpp_pass_through), which it serves."""
     from rkbench import cpp
 
     try:
@@ -189,7 +191,10 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
     fields = dict(runner=placing.paths["runner"], pythonpath="", images=placing.paths["inputs"],
                   spec=placing.paths["spec"], kind="cpp", model=placing.paths["model"])
     if replay_onnx is not None:
-        description = cpp.write_replay(folder / "replay", replay_onnx, tensors)
+        # what the runner will hand over: batches of spec.batch, and their pass-through tensors when asked for
+        through = bool(run.measure.cpp_pass_through)
+        description = cpp.write_replay(folder / f"replay-b{spec.batch}{'-pt' if through else ''}", replay_onnx, tensors,
+                                       spec.mean, spec.std, batch=spec.batch, pass_through=through)
         records = {f"record{p.stem}": p for p in sorted(description.parent.glob("*.out"))}
         placing.place({"standin": standin, **records})
         text = description.read_text() + "".join(f"record {name[6:]} {placing.ref(name)}\n" for name in records)

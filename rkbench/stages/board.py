@@ -47,7 +47,14 @@ Record = Callable[[dict[str, float], dict[str, str]], None]
 PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total"),
          # measure.cpp_zero_copy: the input copied into io memory, the outputs read out of it
          "cpp_zero_copy": ("input_copy", "run", "output_read", "total")}
-CPP_MODES = ("latency", "eval")
+CPP_MODES = ("latency", "eval", "throughput")
+# Why the C++ runner has no tiling mode (said on the run when tiling is asked with runner=cpp)
+CPP_NO_TILING = ("tiling: not run by the C++ runner: tiling cuts tiles out of decoded frames on the board, and the "
+                 "C++ runner takes only tensors the host prepared (no image codec on the board); runner=python "
+                 "measures it")
+# RKNN_QUERY_MEM_SIZE fields of the C++ runner's result -> memory/<where>_npu_<name>_mb
+CPP_MEMORY = {"weight_bytes": "weight", "internal_bytes": "internal", "dma_allocated_bytes": "dma_allocated",
+              "sram_total_bytes": "sram_total", "sram_free_bytes": "sram_free"}
 CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
 # One adb transport per board per process: deploy remembers what it placed per transport object, so a
@@ -141,28 +148,34 @@ def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, flo
     if mode == "latency" and runner_of(result) == "cpp":
         lat = result["latency"]
         out.update(_part_metrics(lat, where, runner="cpp", parts=parts_of(result)))
-        out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+        out[f"throughput/{where}_cpp_single_fps"] = float(lat["fps"])
         out[f"latency/{where}_cpp_init_ms"] = float(lat["init"]["ms"])   # rknn_init + queries, once per run
+        if lat["batch"] > 1:   # an iteration's total per image of its batch
+            out.update(M.latency_stats(where, "cpp_frame", lat["frame"]))
     elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))
         out[f"throughput/{where}_single_fps"] = float(lat["fps"])
     elif mode == "throughput":
         tp = result["throughput"]
-        out[f"throughput/{where}_fps"] = float(tp["fps"])
-        out[f"throughput/{where}_workers"] = float(len(tp["workers"]))
+        pool = f"{where}_cpp" if runner_of(result) == "cpp" else where   # the C++ pool beside the Python one
+        out[f"throughput/{pool}_fps"] = float(tp["fps"])
+        out[f"throughput/{pool}_workers"] = float(len(tp["workers"]))
         for k in ("p50", "p90"):
-            out[f"throughput/{where}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
+            out[f"throughput/{pool}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
         share: dict[str, float] = {}
         for worker in tp["workers"]:
             share[worker["core_mask"]] = share.get(worker["core_mask"], 0.0) + float(worker["share"])
-        out.update({f"throughput/{where}_share_core{mask}": s for mask, s in share.items()})
+        out.update({f"throughput/{pool}_share_core{mask}": s for mask, s in share.items()})
     elif mode == "tiling":
         tl = result["tiling"]
         out[f"tiling/{where}_fps"] = float(tl["fps"])
         out["tiling/tiles_per_frame"] = float(tl["tiles_per_frame"])
         out.update({k: v for k, v in _part_metrics(tl, where, "tiling").items() if k.endswith(("_p50", "_mean"))})
     out.update(_system_metrics(result, mode, where))
+    memory = result.get("memory") or {}
+    if mode in ("latency", "throughput") and memory.get("reported"):   # the C++ runner's RKNN_QUERY_MEM_SIZE
+        out.update({f"memory/{where}_npu_{name}_mb": memory[key] / 2**20 for key, name in CPP_MEMORY.items()})
     return out
 
 
@@ -195,7 +208,10 @@ def _cpp_settings(result: dict[str, Any]) -> str:
         return ""
     runtime = result.get("runtime") or {}
     io = ", zero-copy io memory (rknn_create_mem + rknn_set_io_mem)" if runtime.get("zero_copy") else ""
-    return f", outputs {runtime.get('outputs', '?')}{io}"
+    through = ", pass-through input (quantised before the clock)" if runtime.get("pass_through") else ""
+    memory = result.get("memory") or {}
+    npu_memory = "" if memory.get("reported", True) else f", NPU memory not reported (rknn_query code {memory.get('code')})"
+    return f", outputs {runtime.get('outputs', '?')}{io}{through}{npu_memory}"
 
 
 def parts_of(result: dict[str, Any]) -> str:
@@ -226,19 +242,17 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
     """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
-    C++ runner does latency and eval; the rest of a runner=python,cpp sweep still runs on the Python side."""
+    C++ runner does latency, eval and throughput; tiling stays with the Python runner (CPP_NO_TILING)."""
     if run.runner != "cpp":
         return list(run.measure.modes), []
     modes = [m for m in run.measure.modes if m in CPP_MODES]
-    left = [m for m in run.measure.modes if m not in CPP_MODES]
     if not modes:
-        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner (latency, eval): add "
-                          "latency or eval, or use runner=python")
-    if not left:
+        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner ({', '.join(CPP_MODES)}): "
+                          "add one, or use runner=python")
+    if "tiling" not in run.measure.modes:
         return modes, []
-    note = f"{', '.join(left)}: not run, the C++ runner does latency and eval only (runner=python measures them)"
-    log.warning(note)
-    return modes, [note]
+    log.warning(CPP_NO_TILING)
+    return modes, [CPP_NO_TILING]
 
 
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
