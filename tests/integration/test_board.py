@@ -220,10 +220,12 @@ def test_a_runner_that_never_answers_times_out_without_retry(first_run, workdir,
 @pytest.fixture(scope="module")
 def runners_sweep(workdir: Path, adb_server, emulated_board: EmulatedBoard) -> dict:
     """`runner=python,cpp` on the emulated board: the Python runner with ONNX Runtime, the C++ runner on the
-    .rknn with the replay stand-in in place of librknnrt. Throughput is asked too: only Python measures it."""
+    .rknn with the replay stand-in in place of librknnrt, its input handed over pass-through (a setting that
+    collapses on the Python child). Throughput is asked too: each runner measures its own worker pool."""
     emulated_board.faults = FaultPlan()
     argv = ["-m"] + common(workdir, emulated_board, adb_server.port) + [
-        f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL]
+        f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL,
+        "measure.cpp_pass_through=true"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         assert main(argv) == 0
@@ -241,7 +243,9 @@ def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
     for part in ("inputs_set", "run", "outputs_get", "total"):
         for stat in ("p50", "p90", "p99", "mean", "min"):
             assert f"latency/emulator_cpp_{part}_ms_{stat}" in cpp.data.metrics, (part, stat)
-    assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0
+    assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0 and cpp.data.metrics["throughput/emulator_cpp_single_fps"] > 0
+    assert cpp.data.metrics["throughput/emulator_cpp_workers"] == 2   # measure.workers, one rknn context each
+    assert cpp.data.metrics["memory/emulator_npu_internal_mb"] > 0    # RKNN_QUERY_MEM_SIZE of the stand-in
     assert not any("_py_" in k for k in cpp.data.metrics) and not any("_cpp_" in k for k in py.data.metrics)
     # the same host scoring of the same model outputs: the same mAP
     assert cpp.data.metrics["eval/map50_95"] == pytest.approx(py.data.metrics["eval/map50_95"], abs=0.001)
@@ -250,7 +254,8 @@ def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
     assert tags["rkbench.runner"] == "cpp" and tags["rkbench.runtime"] == "librknnrt"
     assert tags["rkbench.cpp_engine"].startswith("replay stand-in (ONNX Runtime outputs recorded on the host")
     assert "not librknnrt" in tags["rkbench.cpp_engine"] and "not NPU latency" in tags["rkbench.measure"]
-    assert "throughput: not run, the C++ runner does latency and eval only" in tags["rkbench.measure"]
+    assert "throughput: 2 workers" in tags["rkbench.measure"] and "pass-through input" in tags["rkbench.measure"]
+    assert cpp.data.params["measure.cpp_pass_through"] == "True"
     assert "throughput/emulator_fps" in py.data.metrics and "throughput/emulator_fps" not in cpp.data.metrics
     assert py.data.tags["rkbench.runner"] == "python" and "rkbench.cpp_engine" not in py.data.tags
     latency = artifact_json(workdir, cpp.info.run_id, "board/latency.json", tmp_path)

@@ -527,6 +527,13 @@ def test_aarch64_build_runs_under_qemu(x86, case, build_cache: Path, tmp_path: P
         assert result["runtime"]["zero_copy"] is zero_copy
         _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
                                 _python_detections(case, spec))
+    # threads and pass-through bytes on the board's architecture: two contexts, the frames found as on x86_64
+    replay = cpp.write_replay(tmp_path / "pt", case["model"], case["tensors"], pass_through=True)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "tp.json", spec, cores="0,1", frames=5, pass_through=True),
+                        "throughput", replay, tmp_path / "tp_out.json", "--inputs", str(case["inputs"]), prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    counts, ids = _python_counts(case, spec), [item[0] for item in case["items"]]
+    assert result["throughput"]["batch_detections"] == [counts.get(ids[k % 4], 0) for k in range(5)]
 
 
 def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:
