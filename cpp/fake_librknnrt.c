@@ -229,8 +229,8 @@ int rknn_run(rknn_context ctx, rknn_run_extend *ext) {
     (void)ext;
     standin *s = get(ctx);
     if (!s) return RKNN_ERR_CTX_INVALID;
-    if (s->in_mem && !s->null_mode) {  /* zero-copy input: hash what is in the buffer now */
-        s->hash = fnv1a64((const uint8_t *)s->in_mem->virt_addr, s->in[0].size, 14695981039346656037ULL);
+    if (s->in_mem) {  /* zero-copy input: hash what is in the buffer now (null mode: nothing to look up) */
+        if (!s->null_mode) s->hash = fnv1a64((const uint8_t *)s->in_mem->virt_addr, s->in[0].size, 14695981039346656037ULL);
         s->have_input = 1;
     }
     if (!s->have_input) return RKNN_ERR_INPUT_INVALID;

@@ -346,6 +346,11 @@ def test_null_mode_serves_zeros_for_any_input(x86, case, tmp_path: Path) -> None
                         tmp_path / "r.json", "--input", str(other))
     assert done.returncode == 0, done.stderr
     assert "NULL mode" in result["versions"]["librknnrt"] and result["latency"]["iterations"] >= 3
+    # and with zero-copy io memory (bench/bench_runner.py compares the two paths' overheads)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "zc.json", _spec(), zero_copy=True), "latency", model,
+                        tmp_path / "zc_out.json", "--input", str(other))
+    assert done.returncode == 0, done.stderr
+    assert result["latency"]["input_copy"]["count"] == result["latency"]["iterations"]
 
 
 # ------------------------------------------------------- threads, pass-through, batch, heads, NPU memory
