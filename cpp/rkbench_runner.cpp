@@ -1,12 +1,14 @@
 // rkbench C++ on-device runner: drives librknnrt directly (no Python on the board), reading the same spec
 // file as rkbench/device/runner.py and writing the same kinds of results.
 //
-//   rkbench_runner --spec spec.json --mode latency|eval --model m.rknn --out result.json
+//   rkbench_runner --spec spec.json --mode latency|eval|throughput --model m.rknn --out result.json
 //                  [--lib librknnrt.so] [--inputs inputs.txt] [--input tensor.bin] [--detections d.json]
 //                  [--where board] [--warmup N] [--iterations N] [--min-seconds S]
-// The spec's "measure" section also says how to take the outputs: outputs float|int8 (default float), and
+// The spec's "measure" section also says how to take the outputs: outputs float|int8 (default float),
 // zero_copy true|false (default false): io memory from rknn_create_mem bound with rknn_set_io_mem, the input
-// copied into it and the outputs read out of it, instead of rknn_inputs_set / rknn_outputs_get.
+// copied into it and the outputs read out of it, instead of rknn_inputs_set / rknn_outputs_get; and
+// pass_through true|false (default false): the input quantised to what the input attr says before the clock
+// and handed over with pass_through=1. Throughput: cores (one core mask per worker thread) and frames.
 //
 // librknnrt is opened at run time (dlopen), so one binary runs against any runtime version, or against
 // rkbench's replay stand-in (cpp/fake_librknnrt.c) on a machine without an NPU.
@@ -930,6 +932,7 @@ int main(int argc, char **argv) {
         if (!a.get("min-seconds").empty()) s.min_seconds = std::atof(a.get("min-seconds").c_str());
         if (s.warmup < 0 || s.iterations < 1) throw Error("warmup must be >= 0 and iterations >= 1");
         std::string outputs = s.outputs;
+        if (mode == "throughput" && s.frames < 1) throw Error("measure frames must be >= 1 for throughput (config measure.frames)");
         Rknn api(lib);
         auto init_start = Clock::now();
         std::vector<std::string> masks = s.cores.empty() ? std::vector<std::string>{s.core_mask} : s.cores;

@@ -245,7 +245,7 @@ class BoardSession:
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
         d = self.deployed
-        if d.kind == "cpp":   # latency and eval, both from the prepared inputs
+        if d.kind == "cpp":   # latency, eval and throughput, all from the prepared inputs
             args = [d.runner, "--spec", d.spec, "--mode", mode, "--model", d.model, "--out", out, "--where",
                     self.where, "--inputs", d.images, "--detections", detections]
             return args + (["--lib", d.lib] if d.lib else [])

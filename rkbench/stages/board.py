@@ -196,7 +196,8 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
         return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
-                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}")
+                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}"
+                f"{', one rknn context per worker' if runner_of(result) == 'cpp' else ''}{_cpp_settings(result)}")
     tl = result["tiling"]
     return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")

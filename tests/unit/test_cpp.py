@@ -440,6 +440,21 @@ def test_batch_eval_and_latency_per_frame(x86, case, tmp_path: Path) -> None:
     assert done.returncode == 1 and "rknn_batch_size" in done.stderr.strip().splitlines()[-1]
 
 
+def test_tiling_stays_with_the_python_runner_said_in_one_line() -> None:
+    from rkbench.config import BoardConfig, MeasureConfig, RunConfig
+    from rkbench.errors import DeviceError
+    from rkbench.stages.board import CPP_NO_TILING, runner_modes
+
+    def run(*modes: str) -> RunConfig:
+        return RunConfig(target="board", runner="cpp", board=BoardConfig(address="1.2.3.4:5555"),
+                         measure=MeasureConfig(modes=list(modes)))
+
+    assert runner_modes(run("latency", "throughput", "tiling")) == (["latency", "throughput"], [CPP_NO_TILING])
+    assert runner_modes(run("eval", "throughput")) == (["eval", "throughput"], [])
+    with pytest.raises(DeviceError, match="no mode of the C\\+\\+ runner .*use runner=python"):
+        runner_modes(run("tiling"))
+
+
 def _head_model(path: Path, head: str, na: int = 3) -> Path:
     """A tiny ONNX with the official head ([1, 4+nc, anchors]: xywh pixels, sigmoid scores) or raw YOLOv5
     convs ([1, na*(5+nc), H, W] per stride); each cell sees the average colour of its patch."""
