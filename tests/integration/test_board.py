@@ -220,12 +220,13 @@ def test_a_runner_that_never_answers_times_out_without_retry(first_run, workdir,
 @pytest.fixture(scope="module")
 def runners_sweep(workdir: Path, adb_server, emulated_board: EmulatedBoard) -> dict:
     """`runner=python,cpp` on the emulated board: the Python runner with ONNX Runtime, the C++ runner on the
-    .rknn with the replay stand-in in place of librknnrt, its input handed over pass-through (a setting that
-    collapses on the Python child). Throughput is asked too: each runner measures its own worker pool."""
+    .rknn with the replay stand-in in place of librknnrt, in batches of 2 (rknn_batch_size) with its input
+    handed over pass-through (settings that collapse on the Python child, which runs the ONNX). Throughput is
+    asked too: each runner measures its own worker pool."""
     emulated_board.faults = FaultPlan()
     argv = ["-m"] + common(workdir, emulated_board, adb_server.port) + [
         f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL,
-        "measure.cpp_pass_through=true"]
+        "measure.cpp_pass_through=true", "batch=2"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         assert main(argv) == 0
@@ -246,6 +247,7 @@ def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
     assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0 and cpp.data.metrics["throughput/emulator_cpp_single_fps"] > 0
     assert cpp.data.metrics["throughput/emulator_cpp_workers"] == 2   # measure.workers, one rknn context each
     assert cpp.data.metrics["memory/emulator_npu_internal_mb"] > 0    # RKNN_QUERY_MEM_SIZE of the stand-in
+    assert "latency/emulator_cpp_frame_ms_p50" in cpp.data.metrics and "of batch 2" in cpp.data.tags["rkbench.measure"]
     assert not any("_py_" in k for k in cpp.data.metrics) and not any("_cpp_" in k for k in py.data.metrics)
     # the same host scoring of the same model outputs: the same mAP
     assert cpp.data.metrics["eval/map50_95"] == pytest.approx(py.data.metrics["eval/map50_95"], abs=0.001)
