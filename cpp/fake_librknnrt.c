@@ -80,7 +80,7 @@ static uint32_t elem_bytes(rknn_tensor_type t) {
     return t == RKNN_TENSOR_FLOAT32 ? 4 : t == RKNN_TENSOR_FLOAT16 ? 2 : 1;
 }
 
-static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index, int is_output) {
+static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index) {
     char type[16], fmt[16];
     memset(a, 0, sizeof(*a));
     a->index = index;
@@ -93,7 +93,6 @@ static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index, int is_output
     if (fscanf(f, "%15s %15s", type, fmt) != 2) return -1;
     a->type = !strcmp(type, "float32") ? RKNN_TENSOR_FLOAT32 : !strcmp(type, "int8") ? RKNN_TENSOR_INT8 : RKNN_TENSOR_UINT8;
     a->fmt = !strcmp(fmt, "nhwc") ? RKNN_TENSOR_NHWC : RKNN_TENSOR_NCHW;
-    (void)is_output;
     if (fscanf(f, "%d %f", &a->zp, &a->scale) != 2) return -1;
     a->qnt_type = a->type == RKNN_TENSOR_INT8 ? RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC : RKNN_TENSOR_QNT_NONE;
     a->size = a->n_elems * elem_bytes(a->type);
@@ -123,8 +122,8 @@ int rknn_init(rknn_context *ctx, void *model, uint32_t size, uint32_t flag, rknn
     char word[64], kind[16];
     int version = 0, ok = fscanf(f, "%63s %d", word, &version) == 2 && !strcmp(word, "rkbench-replay") && version == 1;
     while (ok && fscanf(f, "%15s", kind) == 1) {
-        if (!strcmp(kind, "input") && s->n_in < MAX_TENSORS) ok = read_attr(f, &s->in[s->n_in], s->n_in, 0) == 0, s->n_in++;
-        else if (!strcmp(kind, "output") && s->n_out < MAX_TENSORS) ok = read_attr(f, &s->out[s->n_out], s->n_out, 1) == 0, s->n_out++;
+        if (!strcmp(kind, "input") && s->n_in < MAX_TENSORS) ok = read_attr(f, &s->in[s->n_in], s->n_in) == 0, s->n_in++;
+        else if (!strcmp(kind, "output") && s->n_out < MAX_TENSORS) ok = read_attr(f, &s->out[s->n_out], s->n_out) == 0, s->n_out++;
         else if (!strcmp(kind, "record")) ok = read_record(f, s) == 0;
         else if (!strcmp(kind, "null")) s->null_mode = 1;
         else ok = 0;
