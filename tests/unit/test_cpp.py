@@ -412,6 +412,17 @@ def test_pass_through_replays_only_the_recorded_npu_bytes(x86, case, tmp_path: P
     from rkbench.stages.board import describe_mode
 
     assert "pass-through input" in describe_mode("eval", result, RunConfig())
+    # another normalisation (another zp / scale): the runner's float32 steps still give the host's bytes exactly,
+    # or the stand-in would find no recorded outputs for them
+    mean, std = (10.0, 20.0, 30.0), (50.0, 60.0, 70.0)
+    other = cpp.write_replay(tmp_path / "pt_norm", case["model"], case["tensors"], mean, std, pass_through=True)
+    zp, scale = cpp.input_quantisation(mean, std)
+    assert f"int8 nhwc {zp} {scale!r}" in other.read_text() and (zp, scale) != (-128, np.float32(1 / 255))
+    done, result = _run(runner, lib, _write_spec(tmp_path / "norm.json", replace(spec, mean=mean, std=std),
+                                                 pass_through=True), "eval", other, tmp_path / "norm_out.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    assert result["eval"]["images"] == 4 and result["eval"]["detections"] > 0
 
 
 def test_batch_eval_and_latency_per_frame(x86, case, tmp_path: Path) -> None:
