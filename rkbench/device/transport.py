@@ -91,7 +91,7 @@ def wait_until_back(attempt: Callable[[float], T], total_s: float, what: str) ->
     for n in range(1, 1_000_000):
         left = total_s - (time.monotonic() - started)
         try:
-            result = attempt(max(0.5, min(5.0, left)))
+            result = attempt(max(0.5, min(1.0, left)))      # a short look; the backoff does the waiting
         except DeviceError as exc:
             if not exc.retryable:
                 raise

@@ -82,13 +82,14 @@ def connect(run: RunConfig) -> Transport:
     try:
         return wait_until_back(attempt, b.reconnect_s, what)
     except BoardGone as exc:
-        _mark_gone(key, exc)
-        raise
+        raise _gone(key, exc) from exc
 
 
-def _mark_gone(key: tuple, exc: BoardGone) -> None:
+def _gone(key: tuple, exc: BoardGone) -> BoardGone:
+    """Remember a board that stayed away; the error this and every later configuration on it fails with."""
     _GONE[key] = (f"{exc} [since {time.strftime('%H:%M:%S')}: every later board configuration of this sweep fails "
                   "with this reason, without waiting again]")
+    return BoardGone(_GONE[key])
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -277,8 +278,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     try:
         return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
     except BoardGone as exc:   # waited board.reconnect_s while the runner's link was down: the board is away
-        _mark_gone(_board_key(run), exc)
-        raise
+        raise _gone(_board_key(run), exc) from exc
 
 
 def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
