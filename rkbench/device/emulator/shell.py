@@ -37,7 +37,9 @@ def serve_shell(board: "EmulatedBoard", stream: Stream, command: str) -> None:
         board.fire("hang_shell")
         stream.closed.wait()     # never answers; the host gives up and closes the stream
         return
-    proc = board.fs.spawn(command)
+    # stdin stays open while the stream does, as adbd's raw shell reads the stream (the host sends nothing):
+    # a command that reads stdin waits there, as on a board, instead of reading end-of-file at once.
+    proc = board.fs.spawn(command, open_stdin=True)
     # Like adbd: the host closing the stream (timeout, Ctrl-C) or the link dying signals the shell, nothing else.
     stream.on_close(lambda: _signal(proc, signal.SIGHUP))
     if faults.kill_shell_matching and faults.kill_shell_matching in command:
@@ -67,6 +69,8 @@ def serve_shell(board: "EmulatedBoard", stream: Stream, command: str) -> None:
         if pending:
             stream.write(board.fs.unmap(pending))
     finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
         proc.stdout.close()     # an orphan writing later gets SIGPIPE, as on a board when adbd closed the socket
         try:
             proc.wait(timeout=5)
