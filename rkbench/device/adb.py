@@ -68,7 +68,7 @@ def server_address(host: Optional[str] = None, port: Optional[int] = None,
             env_port = (int(text), "ANDROID_ADB_SERVER_PORT")
     chosen_host = (host, "board.adb_host") if host else env_host or (DEFAULT_HOST, "default")
     chosen_port = (port, "board.adb_port") if port else env_port or (DEFAULT_PORT, "default")
-    sources = dict.fromkeys(s for s in (chosen_host[1], chosen_port[1]))
+    sources = [s for s in dict.fromkeys((chosen_host[1], chosen_port[1])) if s != "default"] or ["default"]
     return AdbServerAddress(chosen_host[0], chosen_port[0], ", ".join(sources))
 
 
@@ -180,7 +180,7 @@ class AdbTransport(Transport):
             if state == "unauthorized":
                 raise DeviceError(f"{self.serial} is unauthorized: accept the RSA key prompt on the board")
             if time.monotonic() > deadline:
-                raise DeviceError(f"{self.serial} is {state or 'absent'} after {timeout_s:g}s: "
+                raise DeviceError(f"{self.serial} is {state or 'absent'} after {timeout_s:.1f}s: "
                                   "check power and cable/network, then `adb connect IP:5555`", retryable=True)
             if state is None and self.address:
                 self._connect(self.address)

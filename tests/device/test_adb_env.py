@@ -18,14 +18,14 @@ from rkbench.stages import board as stage
 
 @pytest.mark.parametrize("host, port, env, expected", [
     (None, None, {}, AdbServerAddress("127.0.0.1", 5037, "default")),
-    (None, None, {"ANDROID_ADB_SERVER_PORT": "5099"}, AdbServerAddress("127.0.0.1", 5099, "default, ANDROID_ADB_SERVER_PORT")),
+    (None, None, {"ANDROID_ADB_SERVER_PORT": "5099"}, AdbServerAddress("127.0.0.1", 5099, "ANDROID_ADB_SERVER_PORT")),
     (None, None, {"ANDROID_ADB_SERVER_ADDRESS": "10.0.0.2", "ANDROID_ADB_SERVER_PORT": "5099"},
      AdbServerAddress("10.0.0.2", 5099, "ANDROID_ADB_SERVER_ADDRESS, ANDROID_ADB_SERVER_PORT")),
-    (None, None, {"ANDROID_ADB_SERVER_HOST": "10.0.0.3"}, AdbServerAddress("10.0.0.3", 5037, "ANDROID_ADB_SERVER_HOST, default")),
+    (None, None, {"ANDROID_ADB_SERVER_HOST": "10.0.0.3"}, AdbServerAddress("10.0.0.3", 5037, "ANDROID_ADB_SERVER_HOST")),
     (None, None, {"ADB_SERVER_SOCKET": "tcp:10.0.0.4:6000", "ANDROID_ADB_SERVER_PORT": "5099"},
      AdbServerAddress("10.0.0.4", 6000, "ADB_SERVER_SOCKET")),
-    (None, None, {"ADB_SERVER_SOCKET": "tcp:6001"}, AdbServerAddress("127.0.0.1", 6001, "default, ADB_SERVER_SOCKET")),
-    (None, 7000, {"ANDROID_ADB_SERVER_PORT": "5099"}, AdbServerAddress("127.0.0.1", 7000, "default, board.adb_port")),
+    (None, None, {"ADB_SERVER_SOCKET": "tcp:6001"}, AdbServerAddress("127.0.0.1", 6001, "ADB_SERVER_SOCKET")),
+    (None, 7000, {"ANDROID_ADB_SERVER_PORT": "5099"}, AdbServerAddress("127.0.0.1", 7000, "board.adb_port")),
     ("h", 7000, {"ADB_SERVER_SOCKET": "tcp:10.0.0.4:6000"}, AdbServerAddress("h", 7000, "board.adb_host, board.adb_port")),
 ])
 def test_explicit_setting_beats_adb_environment_beats_default(host, port, env, expected) -> None:
