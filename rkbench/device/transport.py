@@ -13,6 +13,7 @@ Only idempotent operations retry (push, pull, stat, hash); a command - a measure
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shlex
@@ -88,7 +89,7 @@ def wait_until_back(attempt: Callable[[float], T], total_s: float, what: str) ->
     30 s), one line per failed attempt, BoardGone once `total_s` seconds have passed in all."""
     started = time.monotonic()
     delay = 1.0
-    for n in range(1, 1_000_000):
+    for n in itertools.count(1):
         left = total_s - (time.monotonic() - started)
         try:
             result = attempt(max(0.5, min(1.0, left)))      # a short look; the backoff does the waiting
@@ -109,7 +110,7 @@ def wait_until_back(attempt: Callable[[float], T], total_s: float, what: str) ->
         if n > 1:
             log.warning("%s is back after %.1fs (%d attempts)", what, time.monotonic() - started, n)
         return result
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable")   # itertools.count never ends
 
 
 def wait_for_link(transport: "Transport", total_s: float) -> None:
