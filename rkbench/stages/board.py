@@ -31,9 +31,9 @@ from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
 from rkbench.device.adb import AdbTransport
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
-from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
+from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs, kill_runners
 from rkbench.device.toolkit_perf import toolkit_perf
-from rkbench.device.transport import Transport
+from rkbench.device.transport import BoardGone, Transport, wait_until_back
 from rkbench.errors import DeviceError
 from rkbench.stages import Artifact
 from rkbench.stages.evaluate import score
@@ -60,14 +60,43 @@ CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for the
 # One adb transport per board per process: deploy remembers what it placed per transport object, so a
 # sweep checks and pushes each file once.
 _TRANSPORTS: dict[tuple, Transport] = {}
+# Boards that stayed away for board.reconnect_s, with why: the sweep's later configurations on them fail at
+# once with that reason instead of waiting again each.
+_GONE: dict[tuple, str] = {}
+
+
+def _board_key(run: RunConfig) -> tuple:
+    b = run.board
+    return (b.serial, b.address, b.adb_host, b.adb_port)
 
 
 def connect(run: RunConfig) -> Transport:
+    """The board's transport, its link checked: a board that dropped is waited for (backoff, at most
+    board.reconnect_s in all); one that stays away fails this and every later configuration on it."""
     b = run.board
-    key = (b.serial, b.address, b.adb_host, b.adb_port)
-    if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = AdbTransport(b.serial, b.address, b.adb_host, b.adb_port)
-    return _TRANSPORTS[key]
+    key = _board_key(run)
+    if key in _GONE:
+        raise DeviceError(_GONE[key])
+    what = f"board {b.address or b.serial}"
+
+    def attempt(timeout_s: float) -> Transport:
+        if key not in _TRANSPORTS:
+            _TRANSPORTS[key] = AdbTransport(b.serial, b.address, b.adb_host, b.adb_port)
+        else:
+            _TRANSPORTS[key].reconnect(timeout_s)
+        return _TRANSPORTS[key]
+
+    try:
+        return wait_until_back(attempt, b.reconnect_s, what)
+    except BoardGone as exc:
+        raise _gone(key, exc) from exc
+
+
+def _gone(key: tuple, exc: BoardGone) -> BoardGone:
+    """Remember a board that stayed away; the error this and every later configuration on it fails with."""
+    _GONE[key] = (f"{exc} [since {time.strftime('%H:%M:%S')}: every later board configuration of this sweep fails "
+                  "with this reason, without waiting again]")
+    return BoardGone(_GONE[key])
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -260,9 +289,19 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
     None where the board runs the ONNX and no toolkit perf was asked for."""
+    transport = connect(run)
+    try:
+        return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+    except BoardGone as exc:   # waited board.reconnect_s while the runner's link was down: the board is away
+        raise _gone(_board_key(run), exc) from exc
+
+
+def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
+              cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     from rkbench.spec import inference_spec
 
-    transport = connect(run)
+    # A runner left running by a configuration that lost its link (or a host process cut off) would share the NPU
+    kill_runners(transport, run.board.remote_root, "left over before this configuration")
     log.info("probing %s", transport.describe())
     facts, tags = inspect_board(transport, run)
     where = tags["rkbench.device_kind"]

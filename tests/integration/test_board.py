@@ -217,6 +217,45 @@ def test_a_runner_that_never_answers_times_out_without_retry(first_run, workdir,
     assert quiet_board.fired["hang_shell"] == 1
 
 
+
+def test_board_that_stays_away_fails_the_rest_of_the_sweep_with_one_reason(first_run, workdir, adb_server, quiet_board,
+                                                                           monkeypatch):
+    """The board goes away while the first configuration's runner runs and stays away: that configuration
+    waits board.reconnect_s, the later ones fail at once with the same reason (not ~0.4 s each on a dead link)."""
+    monkeypatch.setattr(stage, "_GONE", {})
+    port = quiet_board.port
+
+    def stop_when_runner_starts() -> None:
+        while not any(any(a.endswith("runner.py") for a in (p.info["cmdline"] or []))
+                      and any(str(quiet_board.root) in a for a in (p.info["cmdline"] or []))
+                      for p in psutil.process_iter(["cmdline"])):
+            time.sleep(0.02)
+        quiet_board.stop()
+    watcher = threading.Thread(target=stop_when_runner_starts, daemon=True)
+    watcher.start()
+    argv = ["-m"] + common(workdir, quiet_board, adb_server.port) + [
+        f"resolution={RESOLUTION}", "measure.modes=[latency],[eval],[tiling]", *SMALL, "resume=false",
+        "board.reconnect_s=3"]
+    try:
+        with monkeypatch.context() as patch:
+            patch.chdir(workdir)
+            assert main(argv) == 1
+    finally:
+        watcher.join(timeout=30)
+        quiet_board.start()
+    assert quiet_board.port == port
+    parent = runs(workdir, "sweep")[-1]
+    children = [r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    first, *rest = children
+    assert [r.info.status for r in children] == ["FAILED"] * 3
+    assert "did not come back within board.reconnect_s=3s" in first.data.tags["rkbench.error"]
+    for later in rest:
+        error = later.data.tags["rkbench.error"]
+        assert "did not come back within board.reconnect_s=3s" in error and "without waiting again" in error
+        assert "\n" not in error
+        assert (later.info.end_time - later.info.start_time) / 1000 < (first.info.end_time - first.info.start_time) / 1000
+
+
 @pytest.fixture(scope="module")
 def runners_sweep(workdir: Path, adb_server, emulated_board: EmulatedBoard) -> dict:
     """`runner=python,cpp` on the emulated board: the Python runner with ONNX Runtime, the C++ runner on the
