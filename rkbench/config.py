@@ -95,14 +95,15 @@ class MeasureConfig:
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
     cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
+    cpp_pass_through: bool = False          # runner=cpp: input quantised before the clock, rknn_input.pass_through=1
 
 
 @dataclass
 class BoardConfig:
     serial: Optional[str] = None
     address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
-    adb_host: str = "127.0.0.1"
-    adb_port: int = 5037
+    adb_host: Optional[str] = None          # unset: adb's environment (ADB_SERVER_SOCKET, ANDROID_ADB_SERVER_*) or 127.0.0.1
+    adb_port: Optional[int] = None          # unset: adb's environment or 5037
     remote_root: str = "/data/local/tmp/rkbench"
     python: str = "python3"
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
@@ -114,6 +115,7 @@ class BoardConfig:
     ssh_key: Optional[str] = None           # private key file (else IdentityFile, ssh-agent, ~/.ssh/id_*)
     ssh_known_hosts: Optional[str] = None   # default ~/.ssh/known_hosts; an unknown board is refused
     timeout_s: float = 600.0
+    reconnect_s: float = 120.0              # after the board drops: wait this long in all (backoff) before giving up
 
 
 @dataclass
@@ -301,6 +303,13 @@ def validate(run: RunConfig) -> None:
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)
+    b = run.board
+    if b.timeout_s <= 0 or b.reconnect_s < 0:
+        raise ConfigError(f"board.timeout_s={b.timeout_s:g} must be > 0 and board.reconnect_s={b.reconnect_s:g} >= 0 "
+                          "(seconds; 0 = do not wait for a board that dropped)")
+    if b.adb_port is not None and not 0 < b.adb_port < 65536:
+        raise ConfigError(f"board.adb_port={b.adb_port} is not a TCP port: use 1..65535, or leave it unset for adb's "
+                          "ANDROID_ADB_SERVER_PORT / 5037")
     _choice("measure.cpp_outputs", run.measure.cpp_outputs, CPP_OUTPUTS)
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")

@@ -33,7 +33,8 @@ from rkbench.models.detect import InferenceSpec
 MEASUREMENT_VERSION = 3
 
 # Keys that say where results go or how long to wait, not what is measured.
-NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s")
+NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s",
+                "board.reconnect_s")
 # Tool versions that shape the numbers of any run.
 VERSIONED = ("onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy", "pycocotools", "opencv-python")
 
@@ -66,7 +67,7 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
      "only the board runner uses it (target={target})"),
     (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
      "only the Python runner on a board uses it (target={target}, runner={runner})"),
-    (("measure.cpp_outputs", "measure.cpp_zero_copy"), lambda r: r.target == "board" and r.runner == "cpp",
+    (("measure.cpp_outputs", "measure.cpp_zero_copy", "measure.cpp_pass_through"), lambda r: r.target == "board" and r.runner == "cpp",
      "only the C++ runner on a board uses it (target={target}, runner={runner})"),
 ]
 

@@ -315,8 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for key in ("user", "port", "key", "known-hosts"):
         parser.add_argument(f"--ssh-{key}", type=int if key == "port" else str, help="ssh only (default: ~/.ssh/config)")
     parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
-    parser.add_argument("--adb-host", default="127.0.0.1")
-    parser.add_argument("--adb-port", type=int, default=5037)
+    parser.add_argument("--adb-host", help="adb server host (default: adb's environment, else 127.0.0.1)")
+    parser.add_argument("--adb-port", type=int, help="adb server port (default: ANDROID_ADB_SERVER_PORT, else 5037)")
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")

@@ -30,9 +30,9 @@ from rkbench import metrics as M
 from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
-from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
+from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs, kill_runners
 from rkbench.device.toolkit_perf import toolkit_perf
-from rkbench.device.transport import Transport, open_transport
+from rkbench.device.transport import BoardGone, Transport, open_transport, wait_until_back
 from rkbench.errors import DeviceError
 from rkbench.stages import Artifact
 from rkbench.stages.evaluate import score
@@ -46,20 +46,57 @@ Record = Callable[[dict[str, float], dict[str, str]], None]
 PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total"),
          # measure.cpp_zero_copy: the input copied into io memory, the outputs read out of it
          "cpp_zero_copy": ("input_copy", "run", "output_read", "total")}
-CPP_MODES = ("latency", "eval")
+CPP_MODES = ("latency", "eval", "throughput")
+# Why the C++ runner has no tiling mode (said on the run when tiling is asked with runner=cpp)
+CPP_NO_TILING = ("tiling: not run by the C++ runner: tiling cuts tiles out of decoded frames on the board, and the "
+                 "C++ runner takes only tensors the host prepared (no image codec on the board); runner=python "
+                 "measures it")
+# RKNN_QUERY_MEM_SIZE fields of the C++ runner's result -> memory/<where>_npu_<name>_mb
+CPP_MEMORY = {"weight_bytes": "weight", "internal_bytes": "internal", "dma_allocated_bytes": "dma_allocated",
+              "sram_total_bytes": "sram_total", "sram_free_bytes": "sram_free"}
 CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
 # One transport per board per process: deploy remembers what it placed per transport object, so a
 # sweep checks and pushes each file once.
 _TRANSPORTS: dict[tuple, Transport] = {}
+# Boards that stayed away for board.reconnect_s, with why: the sweep's later configurations on them fail at
+# once with that reason instead of waiting again each.
+_GONE: dict[tuple, str] = {}
+
+
+def _board_key(run: RunConfig) -> tuple:
+    b = run.board
+    return (b.transport, b.serial, b.address, b.adb_host, b.adb_port, b.ssh_user, b.ssh_port, b.ssh_key,
+            b.ssh_known_hosts)
 
 
 def connect(run: RunConfig) -> Transport:
+    """The board's transport, its link checked: a board that dropped is waited for (backoff, at most
+    board.reconnect_s in all); one that stays away fails this and every later configuration on it."""
     b = run.board
-    key = (b.transport, b.serial, b.address, b.adb_host, b.adb_port, b.ssh_user, b.ssh_port, b.ssh_key, b.ssh_known_hosts)
-    if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = open_transport(b)
-    return _TRANSPORTS[key]
+    key = _board_key(run)
+    if key in _GONE:
+        raise DeviceError(_GONE[key])
+    what = f"board {b.address or b.serial}"
+
+    def attempt(timeout_s: float) -> Transport:
+        if key not in _TRANSPORTS:
+            _TRANSPORTS[key] = open_transport(b)
+        else:
+            _TRANSPORTS[key].reconnect(timeout_s)
+        return _TRANSPORTS[key]
+
+    try:
+        return wait_until_back(attempt, b.reconnect_s, what)
+    except BoardGone as exc:
+        raise _gone(key, exc) from exc
+
+
+def _gone(key: tuple, exc: BoardGone) -> BoardGone:
+    """Remember a board that stayed away; the error this and every later configuration on it fails with."""
+    _GONE[key] = (f"{exc} [since {time.strftime('%H:%M:%S')}: every later board configuration of this sweep fails "
+                  "with this reason, without waiting again]")
+    return BoardGone(_GONE[key])
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -140,28 +177,34 @@ def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, flo
     if mode == "latency" and runner_of(result) == "cpp":
         lat = result["latency"]
         out.update(_part_metrics(lat, where, runner="cpp", parts=parts_of(result)))
-        out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+        out[f"throughput/{where}_cpp_single_fps"] = float(lat["fps"])
         out[f"latency/{where}_cpp_init_ms"] = float(lat["init"]["ms"])   # rknn_init + queries, once per run
+        if lat["batch"] > 1:   # an iteration's total per image of its batch
+            out.update(M.latency_stats(where, "cpp_frame", lat["frame"]))
     elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))
         out[f"throughput/{where}_single_fps"] = float(lat["fps"])
     elif mode == "throughput":
         tp = result["throughput"]
-        out[f"throughput/{where}_fps"] = float(tp["fps"])
-        out[f"throughput/{where}_workers"] = float(len(tp["workers"]))
+        pool = f"{where}_cpp" if runner_of(result) == "cpp" else where   # the C++ pool beside the Python one
+        out[f"throughput/{pool}_fps"] = float(tp["fps"])
+        out[f"throughput/{pool}_workers"] = float(len(tp["workers"]))
         for k in ("p50", "p90"):
-            out[f"throughput/{where}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
+            out[f"throughput/{pool}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
         share: dict[str, float] = {}
         for worker in tp["workers"]:
             share[worker["core_mask"]] = share.get(worker["core_mask"], 0.0) + float(worker["share"])
-        out.update({f"throughput/{where}_share_core{mask}": s for mask, s in share.items()})
+        out.update({f"throughput/{pool}_share_core{mask}": s for mask, s in share.items()})
     elif mode == "tiling":
         tl = result["tiling"]
         out[f"tiling/{where}_fps"] = float(tl["fps"])
         out["tiling/tiles_per_frame"] = float(tl["tiles_per_frame"])
         out.update({k: v for k, v in _part_metrics(tl, where, "tiling").items() if k.endswith(("_p50", "_mean"))})
     out.update(_system_metrics(result, mode, where))
+    memory = result.get("memory") or {}
+    if mode in ("latency", "throughput") and memory.get("reported"):   # the C++ runner's RKNN_QUERY_MEM_SIZE
+        out.update({f"memory/{where}_npu_{name}_mb": memory[key] / 2**20 for key, name in CPP_MEMORY.items()})
     return out
 
 
@@ -182,7 +225,8 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
         return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
-                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}")
+                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}"
+                f"{', one rknn context per worker' if runner_of(result) == 'cpp' else ''}{_cpp_settings(result)}")
     tl = result["tiling"]
     return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
@@ -194,7 +238,10 @@ def _cpp_settings(result: dict[str, Any]) -> str:
         return ""
     runtime = result.get("runtime") or {}
     io = ", zero-copy io memory (rknn_create_mem + rknn_set_io_mem)" if runtime.get("zero_copy") else ""
-    return f", outputs {runtime.get('outputs', '?')}{io}"
+    through = ", pass-through input (quantised before the clock)" if runtime.get("pass_through") else ""
+    memory = result.get("memory") or {}
+    npu_memory = "" if memory.get("reported", True) else f", NPU memory not reported (rknn_query code {memory.get('code')})"
+    return f", outputs {runtime.get('outputs', '?')}{io}{through}{npu_memory}"
 
 
 def parts_of(result: dict[str, Any]) -> str:
@@ -225,28 +272,36 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
     """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
-    C++ runner does latency and eval; the rest of a runner=python,cpp sweep still runs on the Python side."""
+    C++ runner does latency, eval and throughput; tiling stays with the Python runner (CPP_NO_TILING)."""
     if run.runner != "cpp":
         return list(run.measure.modes), []
     modes = [m for m in run.measure.modes if m in CPP_MODES]
-    left = [m for m in run.measure.modes if m not in CPP_MODES]
     if not modes:
-        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner (latency, eval): add "
-                          "latency or eval, or use runner=python")
-    if not left:
+        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner ({', '.join(CPP_MODES)}): "
+                          "add one, or use runner=python")
+    if "tiling" not in run.measure.modes:
         return modes, []
-    note = f"{', '.join(left)}: not run, the C++ runner does latency and eval only (runner=python measures them)"
-    log.warning(note)
-    return modes, [note]
+    log.warning(CPP_NO_TILING)
+    return modes, [CPP_NO_TILING]
 
 
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
     None where the board runs the ONNX and no toolkit perf was asked for."""
+    transport = connect(run)
+    try:
+        return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+    except BoardGone as exc:   # waited board.reconnect_s while the runner's link was down: the board is away
+        raise _gone(_board_key(run), exc) from exc
+
+
+def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
+              cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     from rkbench.spec import inference_spec
 
-    transport = connect(run)
+    # A runner left running by a configuration that lost its link (or a host process cut off) would share the NPU
+    kill_runners(transport, run.board.remote_root, "left over before this configuration")
     log.info("probing %s", transport.describe())
     facts, tags = inspect_board(transport, run)
     where = tags["rkbench.device_kind"]

@@ -10,7 +10,8 @@ board, this one included, through rkbench/device/adb.py and never imports this p
 
 Modules, from the socket up:
 - wire.py   adb packets (CNXN/OPEN/OKAY/WRTE/CLSE), one connection per adb server, flow-controlled streams
-- shell.py  the legacy `shell:` service: commands in the sandbox, output streamed back, kill on close
+- shell.py  the legacy `shell:` service: commands in the sandbox, output streamed back, SIGHUP to the
+            shell (only) on close, as adbd
 - sync.py   the `sync:` service: STAT, LIST, SEND, RECV, QUIT on sandbox paths
 - tree.py   the board's files: device tree, debugfs, devfreq, cpufreq, librknnrt / rknn_server stand-ins
 - faults.py FaultPlan: dropped links, killed or hung commands, truncated pulls, a full disk
