@@ -364,6 +364,35 @@ def test_ssh_config_alias_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
         transport.close()
 
 
+def test_a_key_in_ssh_agent_is_used_when_none_is_set(sshd: Sshd, tmp_path: Path, monkeypatch) -> None:
+    agent, add = shutil.which("ssh-agent"), shutil.which("ssh-add")
+    if not (agent and add):
+        pytest.skip("no ssh-agent here (apt-get install openssh-client)")
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen([agent, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_socket(sock)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        subprocess.run([add, "-q", str(sshd.user_key)], check=True, timeout=20, capture_output=True)
+        monkeypatch.setenv("HOME", str(tmp_path))          # no ~/.ssh/id_* of this machine: only the agent's key
+        transport = ssh_transport(f"127.0.0.1:{sshd.port}", known_hosts=str(sshd.known_hosts),
+                                  config_file=tmp_path / "none", connect_timeout_s=10)
+        try:
+            assert transport.target.key_files == () and transport.shell(["true"], timeout=20).ok
+        finally:
+            transport.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_for_socket(path: Path, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
 def test_ssh_config_proxy_command_is_honoured(sshd: Sshd, tmp_path: Path) -> None:
     """A board behind a jump host: ProxyCommand `ssh -W %h:%p` (here through the same sshd)."""
     client = shutil.which("ssh")
