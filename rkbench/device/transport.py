@@ -3,7 +3,8 @@
 `Transport` is the interface the stages use; this module also holds the helpers every transport shares
 and `LocalTransport`, which runs on this machine over a board-like sandbox directory (the path
 convention of rkbench/device/sandbox.py, which the emulated board uses too). `AdbTransport`, a real adb
-server through adbutils, lives in rkbench/device/adb.py (also importable from here). Commands are
+server through adbutils, lives in rkbench/device/adb.py (also importable from here), `SshTransport`
+(sshd through paramiko) in rkbench/device/ssh.py; `open_transport` picks one from board.transport. Commands are
 argument lists, each quoted with shlex.quote, so no config value or path ever reaches a shell unquoted; a
 command that needs pipes passes a constant script: `["sh", "-c", SCRIPT, "sh", value1, value2]`.
 
