@@ -379,6 +379,7 @@ def _known_name(target: SshTarget) -> str:
 
 def ssh_transport(address: str, *, user: Optional[str] = None, port: Optional[int] = None,
                   key_file: Optional[str] = None, known_hosts: Optional[str] = None,
-                  config_file: Path = DEFAULT_SSH_CONFIG, **kwargs) -> SshTransport:
+                  config_file: Path = DEFAULT_SSH_CONFIG, connect_timeout_s: float = 15.0) -> SshTransport:
+    """The board at board.address, logged in as the board.ssh_* settings and ~/.ssh/config say."""
     return SshTransport(resolve_target(address, user=user, port=port, key_file=key_file, config_file=config_file),
-                        known_hosts=known_hosts, **kwargs)
+                        known_hosts=known_hosts, connect_timeout_s=connect_timeout_s)
