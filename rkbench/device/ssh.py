@@ -5,8 +5,8 @@ wrapped in `sh -c` that first prints its process group (sshd starts every sessio
 group is the command and everything it starts) and last prints the exit status (`$?`, 128 + N for a
 process killed by signal N: sshd's exit-signal message is not read by paramiko). Closing a channel does
 not stop a command that has no pty - real adbd behaves the same - so rkbench stops it itself: past its
-timeout the group is killed (`kill -KILL -PGID` on a second channel), and the group of a command whose
-link dropped is killed as soon as the link is back.
+timeout or on Ctrl-C the group is killed (`kill -KILL -PGID` on a second channel), and the group of a
+command whose link dropped is killed as soon as the link is back.
 
 Files go over SFTP (sshd's sftp subsystem, OpenSSH's default): written to `<path>.partial`, given the
 local file's mode and renamed, so a cut push never leaves a file under its final name.
@@ -244,6 +244,9 @@ class SshTransport(Transport):
         except socket.timeout:
             self._kill_group(_pgid(b"".join(chunks)), why="timed out")
             raise DeviceError(timeout_message(what, timeout, self.describe())) from None
+        except KeyboardInterrupt:   # Ctrl-C here must not leave the command running on the board
+            self._kill_group(_pgid(b"".join(chunks)), why="was interrupted (Ctrl-C)")
+            raise
         except (EOFError, OSError):
             pass        # the link went down mid-command: told apart below by the missing exit status
         finally:

@@ -10,6 +10,7 @@ import getpass
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -206,6 +207,21 @@ def test_timeout_kills_the_commands_process_group(ssh: SshTransport, tmp_path: P
     shell_pid, child_pid = map(int, pids.read_text().split())
     assert _gone(shell_pid) and _gone(child_pid), "the command outlived its timeout on the board"
     assert ssh.shell(["echo", "still usable"], timeout=20).output == "still usable\n"
+
+
+def test_ctrl_c_kills_the_commands_process_group(ssh: SshTransport, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+
+    def interrupt() -> None:
+        _wait_for(pids)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    assert threading.current_thread() is threading.main_thread()
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        ssh.shell(["sh", "-c", 'sleep 60 & echo "$$ $!" > "$1"; wait', "sh", str(pids)], timeout=30)
+    shell_pid, child_pid = map(int, pids.read_text().split())
+    assert _gone(shell_pid) and _gone(child_pid), "the command outlived Ctrl-C on the board"
 
 
 def test_runner_group_can_be_killed_by_pgid(ssh: SshTransport, tmp_path: Path) -> None:
