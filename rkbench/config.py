@@ -106,6 +106,7 @@ class BoardConfig:
     python: str = "python3"
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
     timeout_s: float = 600.0
+    pin_freq: bool = False                  # performance governor on NPU/DDR/CPU while measuring, restored after
 
 
 @dataclass

@@ -236,6 +236,7 @@ class BoardSession:
     local_dir: Path
     remote_dir: str
     attempts: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)      # mode -> the runner's stdout and stderr (last attempt)
 
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
@@ -280,6 +281,7 @@ class BoardSession:
                 raise DeviceError(f"runner {mode} did not finish within {timeout:g}s on the {self.where}: raise "
                                   "board.timeout_s or lower measure.iterations/min_seconds/frames") from exc
             raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
+        self.logs[mode] = result.output
         code = result.exit_code
         if code in (126, 127) and self.deployed.kind == "cpp":
             raise DeviceError(f"the C++ runner cannot start on the {self.where} (exit {code}): it needs glibc >= 2.17 "

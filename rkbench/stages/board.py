@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 from rkbench import metrics as M
 from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
+from rkbench.device import clocks, runner_log
 from rkbench.device.adb import AdbTransport
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
 from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
@@ -68,25 +69,26 @@ def connect(run: RunConfig) -> Transport:
 def blocking_findings(facts: BoardFacts, findings: list[Finding], runtime: str) -> list[Finding]:
     """What stops a run with this runtime. ONNX Runtime on the board's CPU does not touch the NPU stack,
     so SoC, librknnrt and toolkit versions only matter for rknnlite and the C++ runner (runtime "cpp"), which
-    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt."""
+    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt.
+    The Python runner needs board.python with numpy and opencv (findings that need "python")."""
+    errors = [f for f in findings if f.level == "error"]
     if runtime == "cpp":
-        return [] if facts.emulated else [f for f in findings if f.level == "error" and "python3" not in f.what]
-    if runtime == "rknnlite":
-        found = [f for f in findings if f.level == "error"]
-        if facts.python is not None and facts.toolkit_lite2 is None:
-            found.append(Finding("error", "rknn-toolkit-lite2 is not installed for the board's python3",
-                                 "pip install the rknn_toolkit_lite2 wheel on the board, or set board.runtime=onnxruntime"))
-        return found
+        return [] if facts.emulated else [f for f in errors if f.needs != "python"]
+    found = errors if runtime == "rknnlite" else [f for f in errors if f.needs == "python"]
     if facts.python is None:
-        return [Finding("error", "no python3 on the board", "install python3 there or set board.python=/path/to/python3")]
-    if facts.onnxruntime is None:
-        return [Finding("error", "onnxruntime is not installed for the board's python3",
-                        "pip install onnxruntime on the board, or set board.runtime=rknnlite")]
-    return []
+        return found
+    engine = "rknn-toolkit-lite2" if runtime == "rknnlite" else "onnxruntime"
+    if (facts.toolkit_lite2 if runtime == "rknnlite" else facts.onnxruntime) is None:
+        other = "onnxruntime" if runtime == "rknnlite" else "rknnlite"
+        found.append(Finding("error", f"{engine} is not installed for the board's {facts.python_path} (board.python)",
+                             f"pip install {'the rknn_toolkit_lite2 wheel' if runtime == 'rknnlite' else engine} for "
+                             f"{facts.python_path} on the board, point board.python at a "
+                             f"Python that has it, or set board.runtime={other}", "python"))
+    return found
 
 
 def inspect_board(transport: Transport, run: RunConfig) -> tuple[BoardFacts, dict[str, str]]:
-    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root)
+    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root, python=run.board.python)
     findings = check(facts, expected_soc=run.platform)
     where = "emulator" if facts.emulated else "board"
     runtime = "librknnrt" if run.runner == "cpp" else run.board.runtime
@@ -119,9 +121,13 @@ def _system_metrics(result: dict[str, Any], mode: str, where: str) -> dict[str, 
     cpu = system.get("cpu_load") or {}
     if cpu.get("available"):
         out[M.system(where, mode, "cpu_load_pct")] = cpu["mean_pct"]
-    peak = (system.get("memory") or {}).get("peak_rss_mib")
-    if peak is not None:
-        out[M.system(where, mode, "peak_rss_mib")] = peak
+    memory = system.get("memory") or {}
+    for key in ("peak_rss_mib", "rss_mib_mean"):   # VmHWM at the end, VmRSS sampled (the runner's own pid)
+        if memory.get(key) is not None:
+            out[M.system(where, mode, key)] = memory[key]
+    for name, clock in (system.get("clocks") or {}).items():   # npu_freq_mhz_min, temp_soc_thermal_c_max, ...
+        for stat in ("min", "max"):
+            out[M.system(where, mode, f"{name}_{clock['unit'].lower()}_{stat}")] = float(clock[stat])
     return out
 
 
@@ -224,6 +230,28 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+def keep_runner_log(session: BoardSession, mode: str, attach: Attach, tags: dict[str, str], record: Record) -> None:
+    """The runner's stdout and stderr as artifact board/<mode>.log; known librknnrt warnings as tags."""
+    text = session.logs.get(mode, "")
+    path = session.local_dir / f"{mode}.log"
+    path.write_text(text)
+    attach(path, "board")
+    found = {k: v for k, v in runner_log.warnings(mode, text).items() if k not in tags}
+    if found:
+        log.warning("runner %s: %s", mode, "; ".join(found.values()))
+        tags.update(found)
+        record({}, found)
+
+
+def restore_clocks(transport: Transport, pinned: clocks.Pinned) -> None:
+    """Governors back as they were; a failure here is logged, never hides the measurement's own error."""
+    try:
+        clocks.restore(transport, pinned)
+    except DeviceError as exc:
+        log.error("%s", exc)
+
+
+
 def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
     """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
     C++ runner does latency and eval; the rest of a runner=python,cpp sweep still runs on the Python side."""
@@ -281,24 +309,34 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
         raise DeviceError(f"cannot create {session.remote_dir} on the {where}: {mkdir.output.strip()[:200]}; "
                           "set board.remote_root to a writable directory such as /data/local/tmp/rkbench")
 
+    pinned = clocks.pin(transport) if run.board.pin_freq else None
+    if pinned is not None:   # the governors while measuring (validity reads them), and what they gave
+        pin_tags = dict(pinned.governor_tags(), **{"board.pinned": pinned.describe()})
+        tags.update(pin_tags)
+        record({}, pin_tags)
     how: list[str] = []
-    for mode in modes:
-        log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
-        result = session.run_mode(mode)
-        attach(session.local_dir / f"{mode}.json", "board")
-        if mode == "eval":
-            detections_file = session.local_dir / "eval.detections.json"
-            found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
-            attach(detections_file, "detections")
-        else:
-            found = mode_metrics(mode, result, where)
-        if not how:
-            how.append(describe_runner(result, where))
-        retried = " (second attempt)" if session.attempts[mode] > 1 else ""
-        how.append(describe_mode(mode, result, run) + retried)
-        metrics.update(found)
-        tags["rkbench.measure"] = " | ".join(how + skipped)
-        record(found, {"rkbench.measure": tags["rkbench.measure"]})
+    try:
+        for mode in modes:
+            log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
+            result = session.run_mode(mode)
+            attach(session.local_dir / f"{mode}.json", "board")
+            keep_runner_log(session, mode, attach, tags, record)
+            if mode == "eval":
+                detections_file = session.local_dir / "eval.detections.json"
+                found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
+                attach(detections_file, "detections")
+            else:
+                found = mode_metrics(mode, result, where)
+            if not how:
+                how.append(describe_runner(result, where))
+            retried = " (second attempt)" if session.attempts[mode] > 1 else ""
+            how.append(describe_mode(mode, result, run) + retried)
+            metrics.update(found)
+            tags["rkbench.measure"] = " | ".join(how + skipped)
+            record(found, {"rkbench.measure": tags["rkbench.measure"]})
+    finally:
+        if pinned is not None:
+            restore_clocks(transport, pinned)
     session.cleanup()
 
     if run.measure.toolkit_perf and rknn_art is not None:
