@@ -170,6 +170,8 @@ class SystemSampler:
                                 "samples": len(self._cpu)} if self._cpu
                                else {"available": False, "reason": "no /proc/stat deltas"})
         peak, source = peak_rss_mib()
+        if peak is not None and self._rss and max(self._rss) > peak:   # the kernel updates VmHWM lazily
+            peak, source = max(self._rss), "VmRSS sampled (above VmHWM)"
         clocks = {name: {"path": path, "unit": unit, "min": min(v), "max": max(v), "mean": float(np.mean(v)),
                          "samples": len(v), "governors": self._governors[name]}
                   for name, (path, _, _, unit) in self.sources.items() for v in [self._clocks[name]] if v}
