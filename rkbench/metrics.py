@@ -43,7 +43,8 @@ GROUPS = {g.name: g for g in (
     Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
           "pool (<where>_fps), frame latency and per-core share", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
-    Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
+    Group("system", "NPU load per core, CPU load, the runner's peak and mean RSS, NPU/DDR/CPU clocks and temperatures "
+          "(min/max) while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
     Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB", "board"),
     Group("perf", "rknn-toolkit2 eval_perf per-layer times (perf_debug)", "board"),
