@@ -310,7 +310,7 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
                 if g and g not in STABLE_GOVERNORS]
     if unstable:
         add("info", f"frequency governors {', '.join(sorted(set(unstable)))} let clocks float: latency varies run to run",
-            "for stable numbers set the NPU/DDR/CPU governors to performance (echo performance > .../governor)")
+            "for stable numbers run with board.pin_freq=true (performance governors while measuring, restored after)")
     if facts.free_mib is not None and facts.free_mib < LOW_SPACE_MIB:
         add("warning", f"only {facts.free_mib:.0f} MiB free under {facts.remote_root}",
             f"free space there (old models pile up in {facts.remote_root}/cache) or set board.remote_root elsewhere")

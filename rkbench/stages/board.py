@@ -232,7 +232,9 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 def keep_runner_log(session: BoardSession, mode: str, attach: Attach, tags: dict[str, str], record: Record) -> None:
     """The runner's stdout and stderr as artifact board/<mode>.log; known librknnrt warnings as tags."""
-    text = session.logs.get(mode, "")
+    if mode not in session.logs:   # the runner never answered (timeout, link lost)
+        return
+    text = session.logs[mode]
     path = session.local_dir / f"{mode}.log"
     path.write_text(text)
     attach(path, "board")
@@ -318,9 +320,11 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     try:
         for mode in modes:
             log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
-            result = session.run_mode(mode)
+            try:
+                result = session.run_mode(mode)
+            finally:   # the runner's log is kept whether the mode worked or not
+                keep_runner_log(session, mode, attach, tags, record)
             attach(session.local_dir / f"{mode}.json", "board")
-            keep_runner_log(session, mode, attach, tags, record)
             if mode == "eval":
                 detections_file = session.local_dir / "eval.detections.json"
                 found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")

@@ -279,6 +279,8 @@ def test_cpp_runner_without_librknnrt_fails_in_one_line(runners_sweep, workdir, 
     assert "cannot load /data/local/tmp/rkbench/nowhere/librknnrt.so" in error
     assert "install librknnrt.so on the board" in error
     assert run.data.tags["rkbench.cpp_engine"].startswith("replay stand-in")     # recorded before the failure
+    log = client(workdir).download_artifacts(run.info.run_id, "board/latency.log", str(workdir / "failed-log"))
+    assert "cannot load" in Path(log).read_text()                                # the runner's own words, kept
 
 
 def test_doctor_takes_the_sweeps_board_settings(adb_server, quiet_board, capsys):
