@@ -328,6 +328,7 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
             if mode == "eval":
                 detections_file = session.local_dir / "eval.detections.json"
                 found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
+                found.update(_system_metrics(result, mode, where))
                 attach(detections_file, "detections")
             else:
                 found = mode_metrics(mode, result, where)
