@@ -59,15 +59,6 @@ class Pinned:
             return f"{int(freq) / (1e3 if node.startswith('policy') else 1e6):.0f} MHz"   # cpufreq is in kHz
         return ", ".join(f"{node} {gov} {mhz(node, freq)}" for node, (gov, freq) in self.values.items())
 
-    def governor_tags(self) -> dict[str, str]:
-        """The board.*_governor tags as they are while measuring (report/validity.py reads them)."""
-        tags = {f"board.{key}_governor": self.values[node][0] for node, key in (("npu", "npu"), ("ddr", "ddr"))
-                if node in self.values}
-        cpu = [f"{node}:{gov}" for node, (gov, _) in self.values.items() if node.startswith("policy")]
-        if cpu:
-            tags["board.cpu_governor"] = ",".join(sorted(cpu))
-        return tags
-
 
 def pin(transport: Transport, timeout: float = 60.0) -> Pinned:
     """Performance governors everywhere; on a governor that cannot be written, what was written is restored

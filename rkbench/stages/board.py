@@ -274,7 +274,22 @@ def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
-    None where the board runs the ONNX and no toolkit perf was asked for."""
+    None where the board runs the ONNX. With board.pin_freq the governors are pinned first, so the probe's
+    board.* tags show the clocks as measured, and restored however the measurement ends (Ctrl-C too)."""
+    if not run.board.pin_freq:
+        return measure_on_board(run, onnx, rknn_art, dataset, cache_root, attach, record)
+    transport = connect(run)
+    pinned = clocks.pin(transport)
+    record({}, {"board.pinned": pinned.describe()})
+    try:
+        metrics, tags = measure_on_board(run, onnx, rknn_art, dataset, cache_root, attach, record)
+    finally:
+        restore_clocks(transport, pinned)
+    return metrics, dict(tags, **{"board.pinned": pinned.describe()})
+
+
+def measure_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
+                     cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     from rkbench.spec import inference_spec
 
     transport = connect(run)
@@ -311,37 +326,28 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
         raise DeviceError(f"cannot create {session.remote_dir} on the {where}: {mkdir.output.strip()[:200]}; "
                           "set board.remote_root to a writable directory such as /data/local/tmp/rkbench")
 
-    pinned = clocks.pin(transport) if run.board.pin_freq else None
-    if pinned is not None:   # the governors while measuring (validity reads them), and what they gave
-        pin_tags = dict(pinned.governor_tags(), **{"board.pinned": pinned.describe()})
-        tags.update(pin_tags)
-        record({}, pin_tags)
     how: list[str] = []
-    try:
-        for mode in modes:
-            log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
-            try:
-                result = session.run_mode(mode)
-            finally:   # the runner's log is kept whether the mode worked or not
-                keep_runner_log(session, mode, attach, tags, record)
-            attach(session.local_dir / f"{mode}.json", "board")
-            if mode == "eval":
-                detections_file = session.local_dir / "eval.detections.json"
-                found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
-                found.update(_system_metrics(result, mode, where))
-                attach(detections_file, "detections")
-            else:
-                found = mode_metrics(mode, result, where)
-            if not how:
-                how.append(describe_runner(result, where))
-            retried = " (second attempt)" if session.attempts[mode] > 1 else ""
-            how.append(describe_mode(mode, result, run) + retried)
-            metrics.update(found)
-            tags["rkbench.measure"] = " | ".join(how + skipped)
-            record(found, {"rkbench.measure": tags["rkbench.measure"]})
-    finally:
-        if pinned is not None:
-            restore_clocks(transport, pinned)
+    for mode in modes:
+        log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
+        try:
+            result = session.run_mode(mode)
+        finally:   # the runner's log is kept whether the mode worked or not
+            keep_runner_log(session, mode, attach, tags, record)
+        attach(session.local_dir / f"{mode}.json", "board")
+        if mode == "eval":
+            detections_file = session.local_dir / "eval.detections.json"
+            found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
+            found.update(_system_metrics(result, mode, where))
+            attach(detections_file, "detections")
+        else:
+            found = mode_metrics(mode, result, where)
+        if not how:
+            how.append(describe_runner(result, where))
+        retried = " (second attempt)" if session.attempts[mode] > 1 else ""
+        how.append(describe_mode(mode, result, run) + retried)
+        metrics.update(found)
+        tags["rkbench.measure"] = " | ".join(how + skipped)
+        record(found, {"rkbench.measure": tags["rkbench.measure"]})
     session.cleanup()
 
     if run.measure.toolkit_perf and rknn_art is not None:
