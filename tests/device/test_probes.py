@@ -8,6 +8,7 @@ for a board that runs the ONNX."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,20 @@ def test_versions_come_from_binary_content_as_strings_finds_them(local: LocalTra
     facts = doctor.probe(local, "2.5.0")
     assert facts.rknn_server == "2.5.0" and facts.librknnrt == "2.5.0"
     assert facts.librknnrt_build == "2.5.0 (c949ad889d@2024-11-07T11:35:33)"
+
+
+def test_versions_without_strings_fall_back_to_grep(local: LocalTransport, tmp_path: Path) -> None:
+    """Boards without binutils: the probe finds the same versions with grep -a."""
+    tools = tmp_path / "bin"     # a PATH with the probe's tools, strings left out
+    tools.mkdir()
+    for tool in ("sh", "tr", "uname", "cat", "grep", "head", "tail", "df", "dirname"):
+        if shutil.which(tool):
+            (tools / tool).symlink_to(shutil.which(tool))
+    assert not (tools / "strings").exists()
+    result = local.shell(["env", f"PATH={tools}", "sh", "-c", doctor._PROBE_SCRIPT, "sh", "/data/local/tmp/rkbench",
+                          "", "python3"], timeout=60)
+    facts = doctor.parse_probe(result.output, "t", "/data/local/tmp/rkbench", "2.5.0")
+    assert facts.librknnrt_build == "2.5.0 (c949ad889d@2024-11-07T11:35:33)" and facts.rknn_server == "2.5.0"
 
 
 def test_sampler_follows_clocks_temperatures_and_the_runners_rss(local: LocalTransport) -> None:
