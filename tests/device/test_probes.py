@@ -242,3 +242,16 @@ def test_a_core_mask_the_soc_lacks_falls_back_to_auto_and_is_invalid(workdir, ad
     assert any("single core auto mode (logged as core_mask=0_1_2)" in r for r in reasons), reasons
     clean = RunRecord(**{**record.__dict__, "tags": {k: v for k, v in tags.items() if "warning" not in k}})
     assert not any("auto mode" in r for r in validity(clean)[1])
+
+
+def test_a_board_running_the_onnx_collapses_toolkit_perf_so_nothing_is_converted() -> None:
+    from rkbench.config import BoardConfig, MeasureConfig, RunConfig
+    from rkbench.spec import plan, uses_rknn
+
+    onnx_board = BoardConfig(address="1.2.3.4:5555", runtime="onnxruntime")
+    asked = plan(RunConfig(target="board", board=onnx_board, measure=MeasureConfig(toolkit_perf=True)))
+    assert not uses_rknn(asked.config) and asked.config.measure.toolkit_perf is False
+    assert "board.runtime=onnxruntime" in asked.collapsed["measure.toolkit_perf"]
+    assert asked.config == plan(RunConfig(target="board", board=onnx_board)).config     # one identity
+    npu = plan(RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555"), measure=MeasureConfig(toolkit_perf=True)))
+    assert npu.config.measure.toolkit_perf is True and "measure.toolkit_perf" not in npu.collapsed
