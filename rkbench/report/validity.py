@@ -11,6 +11,8 @@ A measurement `latency/<stem>_<stat>` (stem e.g. `simulator_infer_ms`, `board_py
   the doctor probe) is neither `performance` nor `userspace`: the clock was not pinned. Governors the probe
   could not read are not held against the run;
 - the iteration count or the cv was not recorded at all (it cannot be checked, so it is not trusted);
+- on a real board, the NPU or DDR clock sampled during the latency mode (`system/board_latency_{npu,ddr}_freq_mhz_
+  {min,max}`) moved: a floating governor or thermal throttling changed the clock under the measurement;
 - the runner's log had a librknnrt warning saying the run was not what its parameters say (tags
   `rkbench.warning.*` in rkbench.device.runner_log.INVALIDATING, e.g. a core mask that fell back to auto).
 
@@ -92,6 +94,12 @@ def validity(run: RunRecord, stem: Optional[str] = None, limits: Limits = Limits
             if loose:
                 reasons.append(f"{tag.removeprefix('board.')} {'/'.join(loose)}: clock not pinned "
                                "(set it to performance)")
+        for clock in ("npu", "ddr"):
+            low = run.metrics.get(f"system/board_latency_{clock}_freq_mhz_min")
+            high = run.metrics.get(f"system/board_latency_{clock}_freq_mhz_max")
+            if low is not None and high is not None and low < high:
+                reasons.append(f"{clock} clock moved {low:.0f}-{high:.0f} MHz while measuring (board.pin_freq=true "
+                               "pins it; a pinned clock that still drops is thermal throttling)")
     for tag, why in INVALIDATING.items():
         if tag in run.tags:
             core_mask = run.params.get("core_mask")

@@ -255,3 +255,16 @@ def test_a_board_running_the_onnx_collapses_toolkit_perf_so_nothing_is_converted
     assert asked.config == plan(RunConfig(target="board", board=onnx_board)).config     # one identity
     npu = plan(RunConfig(target="board", board=BoardConfig(address="1.2.3.4:5555"), measure=MeasureConfig(toolkit_perf=True)))
     assert npu.config.measure.toolkit_perf is True and "measure.toolkit_perf" not in npu.collapsed
+
+
+def test_a_board_clock_that_moved_while_measuring_makes_latency_invalid() -> None:
+    stats = {f"latency/board_py_total_ms_{k}": v for k, v in (("p50", 5.0), ("mean", 5.0), ("cv", 0.01), ("count", 400))}
+    tags = {"rkbench.device_kind": "board", "board.npu_governor": "performance", "board.ddr_governor": "performance",
+            "rkbench.measure": "latency: 2 warmup + 400 timed iterations of batch 1 in 2.00 s"}
+    pinned = dict(stats, **{"system/board_latency_npu_freq_mhz_min": 1000.0, "system/board_latency_npu_freq_mhz_max": 1000.0})
+    throttled = dict(pinned, **{"system/board_latency_npu_freq_mhz_min": 700.0})
+    record = RunRecord("r", "r", "FINISHED", 0, 1, {}, pinned, tags)
+    assert validity(record) == (True, [])
+    valid, reasons = validity(RunRecord("r", "r", "FINISHED", 0, 1, {}, throttled, tags))
+    assert not valid and reasons == ["npu clock moved 700-1000 MHz while measuring (board.pin_freq=true pins it; a "
+                                     "pinned clock that still drops is thermal throttling)"]
