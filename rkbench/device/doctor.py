@@ -79,7 +79,7 @@ done
 d="$root"
 while [ ! -d "$d" ]; do d="$(dirname "$d")"; done
 kv df "$(df -Pk "$d" 2>/dev/null | tail -n 1)"
-if command -v "$py" >/dev/null 2>&1; then kv python_found 1; "$py" -c "$2" 2>/dev/null; else kv python_found 0; fi
+if command -v "$py" >/dev/null 2>&1; then "$py" -c "$2" 2>/dev/null; fi
 true
 """
 
