@@ -24,9 +24,9 @@ from rkbench.errors import DeviceError
 _PROBE_SCRIPT = r"""
 kv() { printf '%s=%s\n' "$1" "$2"; }
 # Rockchip's documented version check: strings FILE | grep "<name> version"; grep -a where strings is missing
-version_in() {
-  if command -v strings >/dev/null 2>&1; then strings "$1" 2>/dev/null | grep -o "$2 version: [^ ]* ([^)]*)" | head -n 1
-  else grep -a -o "$2 version: [^ ]* ([^)]*)" "$1" 2>/dev/null | head -n 1; fi
+version_in() {  # "<name> version: 2.3.0 (e80ac5c build@2024-11-07T12:52:53)"; the build part is optional
+  if command -v strings >/dev/null 2>&1; then strings "$1" 2>/dev/null | grep -i -o -E "$2 version: [^ ]+( \([^)]*\))?" | head -n 1
+  else grep -a -i -o -E "$2 version: [^ ]+( \([^)]*\))?" "$1" 2>/dev/null | head -n 1; fi
 }
 root="$1"; py="$3"
 kv compatible "$(tr '\000' ';' < /proc/device-tree/compatible 2>/dev/null)"
@@ -203,7 +203,7 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
     driver = re.search(r"v?(\d+\.\d+\.\d+)", values.get("npu_driver", ""))
     facts.npu_driver = driver.group(1) if driver else None
     facts.npu_load = values.get("npu_load") or None
-    rt = re.search(r"librknnrt version: (\S+)(.*)", values.get("librknnrt", ""))
+    rt = re.search(r"librknnrt version: (\S+)(.*)", values.get("librknnrt", ""), re.I)
     if rt:
         facts.librknnrt = rt.group(1)
         facts.librknnrt_build = (rt.group(1) + rt.group(2)).strip()

@@ -82,6 +82,9 @@ def test_versions_come_from_binary_content_as_strings_finds_them(local: LocalTra
     facts = doctor.probe(local, "2.5.0")
     assert facts.rknn_server == "2.5.0" and facts.librknnrt == "2.5.0"
     assert facts.librknnrt_build == "2.5.0 (c949ad889d@2024-11-07T11:35:33)"
+    old_release = local.fs.root / "usr/lib/librknnrt.so"      # an older library: no build part after the version
+    old_release.write_bytes(b"\x7fELF\x02\x01\x01\0" + b"\0" * 56 + b"\x01librknnrt version: 1.6.0\0\x02\0")
+    assert doctor.probe(local, "2.5.0").librknnrt == "1.6.0"
 
 
 def test_versions_without_strings_fall_back_to_grep(local: LocalTransport, tmp_path: Path) -> None:
