@@ -108,6 +108,7 @@ class BoardConfig:
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
     timeout_s: float = 600.0
     reconnect_s: float = 120.0              # after the board drops: wait this long in all (backoff) before giving up
+    pin_freq: bool = False                  # performance governor on NPU/DDR/CPU while measuring, restored after
 
 
 @dataclass

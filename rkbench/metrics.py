@@ -45,7 +45,8 @@ GROUPS = {g.name: g for g in (
           "worker pool (<where>_fps; C++ runner, one rknn context per worker: <where>_cpp_fps), frame latency and "
           "per-core share (<where>[_cpp]_frame_ms_p50, _share_core<mask>)", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
-    Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
+    Group("system", "NPU load per core, CPU load, the runner's peak and mean RSS, NPU/DDR/CPU clocks and temperatures "
+          "(min/max) while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
     Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB; memory/<where>_npu_<weight|"
           "internal|dma_allocated|sram_total|sram_free>_mb: the C++ runner's RKNN_QUERY_MEM_SIZE (on the emulator: "

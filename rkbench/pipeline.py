@@ -182,7 +182,7 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
         if prefix == "eval":
             attach(ref.artifact.path, "detections")
 
-    if run.target == "simulator" or (run.target == "board" and (spec.uses_rknn(run) or run.measure.toolkit_perf)):
+    if spec.uses_rknn(run):   # a board running the ONNX converts nothing (toolkit_perf collapses there too)
         opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
         calib = spec.calibration_set(run, dataset) if run.quantize else []
         if run.quantize:
