@@ -183,9 +183,13 @@ def worst_tag(analysis: Analysis, top_k: int) -> str:
     rows = [{"kind": l.kind, "name": l.name, **{f: None if getattr(l, f) is None else round(getattr(l, f), 6)
                                                  for f in ("single_cos", "single_euc", "entire_cos", "entire_euc")}}
             for l in worst(analysis.layers, top_k)]
-    while rows and len(json.dumps(rows, separators=(",", ":"))) > 7900:
-        rows.pop()
-    return json.dumps(rows, separators=(",", ":"))
+    kept, size = [], 2                      # the brackets
+    for row in rows:
+        size += len(json.dumps(row, separators=(",", ":"))) + 1
+        if size > 8000:
+            break
+        kept.append(row)
+    return json.dumps(kept, separators=(",", ":"))
 
 
 def hybrid_options(opts: ConvertOptions, analysis: Analysis, n: int) -> ConvertOptions:
