@@ -18,17 +18,20 @@ pytestmark = pytest.mark.slow
 KEPT = 2     # hybrid.layers in the reduced sweep
 
 
+def common(work) -> list[str]:
+    return [f"cache_dir={work / 'cache'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "resolution=160",
+            "dataset.limit=6", "calib.size=4", "accuracy.images=1"]
+
+
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     """Both studies into one store and one cache (the hybrid study reuses the accuracy study's export)."""
     work = tmp_path_factory.mktemp("studies")
     mp = pytest.MonkeyPatch()
     mp.chdir(work)
-    common = [f"cache_dir={work / 'cache'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "resolution=160",
-              "dataset.limit=6", "calib.size=4", "accuracy.images=1"]
     try:
-        assert main(["+experiment=accuracy", "-m", "algo=normal", "accuracy.top_k=5"] + common) == 0
-        assert main(["+experiment=hybrid", "-m", f"hybrid.layers=0,{KEPT}"] + common) == 0
+        assert main(["+experiment=accuracy", "-m", "algo=normal", "accuracy.top_k=5"] + common(work)) == 0
+        assert main(["+experiment=hybrid", "-m", f"hybrid.layers=0,{KEPT}"] + common(work)) == 0
     finally:
         mp.undo()
     return work
@@ -88,3 +91,16 @@ def test_report_sections_have_the_tables_shape(studies):
     assert rows == ["precision", "int8", "hybrid", "fp16"]
     assert re.search(rf"- keeping these {KEPT} layers in float \(`[^)]+`\) recovers [+-]\d\.\d{{4}} of the "
                      r"-?\d\.\d{4} mAP50-95 lost", section)
+
+
+
+def test_a_link_run_carries_the_per_layer_and_hybrid_tags(studies):
+    """A configuration reused in a later sweep is a link run: it must still fill the report's sections."""
+    from rkbench.tracking import tracker_for
+
+    tracker = tracker_for(f"sqlite:///{studies / 'mlflow.db'}", "hybrid")
+    _, runs = _configs(studies, "hybrid")
+    [measured] = [r for r in runs if r.data.params["hybrid.layers"] == str(KEPT)]
+    link = tracker.link(measured, "again", tracker.start("sweep", {"rkbench.kind": "sweep"}), {})
+    tags = tracker.client.get_run(link).data.tags
+    assert tags["rkbench.hybrid.layers"] == measured.data.tags["rkbench.hybrid.layers"]

@@ -108,3 +108,4 @@ def test_hybrid_section_recovery_line():
     rows = [ln for ln in "\n".join(lines).splitlines() if ln.startswith("| ") and not ln.startswith("| precision")]
     assert [r.split("|")[1].strip() for r in rows] == ["int8", "hybrid", "fp16"]
     assert hybrid_section(Selection("u", "e", None, [int8, fp16], ["quantize"])) == []   # no hybrid run: no section
+
