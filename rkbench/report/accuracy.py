@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from rkbench import tables
 from rkbench.metrics import EVAL_MAP
-from rkbench.report.runs import RunRecord, Selection, config_label, latest_per_config
+from rkbench.report.runs import RunRecord, Selection, latest_per_config
 
 WORST_TAG = "rkbench.accuracy.worst"     # written by rkbench.stages.accuracy (no import: the report needs no toolkit)
 HYBRID_TAG = "rkbench.hybrid.layers"

@@ -4,6 +4,7 @@ hybrid_quantization_step1/2, its simulator), MLflow in tmp_path, then their repo
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -53,12 +54,12 @@ def test_accuracy_study_logs_real_per_layer_numbers(studies):
     raw = client.download_artifacts(run.info.run_id, "accuracy/0_error_analysis.txt", str(studies))
     layers = parse_error_analysis(open(raw).read())
     assert m["accuracy/worst_cosine"] == pytest.approx(worst(layers, 1)[0].single_cos)
-    assert [r["name"] for r in __import__("json").loads(tags["rkbench.accuracy.worst"])] == [l.name for l in worst(layers, 5)]
+    assert [r["name"] for r in json.loads(tags["rkbench.accuracy.worst"])] == [l.name for l in worst(layers, 5)]
 
 
 def test_hybrid_study_keeps_the_worst_layers_in_float(studies):
     _, accuracy_runs = _configs(studies, "accuracy")
-    worst_names = [r["name"] for r in __import__("json").loads(accuracy_runs[0].data.tags["rkbench.accuracy.worst"])]
+    worst_names = [r["name"] for r in json.loads(accuracy_runs[0].data.tags["rkbench.accuracy.worst"])]
     _, runs = _configs(studies, "hybrid")
     by = {(r.data.params["quantize"], r.data.params["hybrid.layers"]): r for r in runs}
     assert set(by) == {("True", "0"), ("True", str(KEPT)), ("False", "0")}   # fp16 x N collapsed into fp16
