@@ -143,7 +143,8 @@ def hybrid(sel: Selection) -> list[str]:
             for r in g.get(kind, []):
                 drop = (r.metrics.get(EVAL_MAP) - fp16.metrics[EVAL_MAP]
                         if fp16 and EVAL_MAP in r.metrics and EVAL_MAP in fp16.metrics else None)
-                rows.append([kind, r.metrics.get("hybrid/layers", 0.0 if kind == "int8" else None), r.metrics.get(EVAL_MAP),
+                kept = {"int8": 0.0, "fp16": "all"}.get(kind, r.metrics.get("hybrid/layers"))
+                rows.append([kind, kept, r.metrics.get(EVAL_MAP),
                              drop, r.metrics.get("convert/rknn_mib")] + [r.metrics.get(m) for m in latency])
         title = ", ".join(f"{a}={v}" for a, v in zip(others, key))
         lines += [""] + ([f"### {title}", ""] if title else []) + [tables.markdown(
