@@ -109,3 +109,49 @@ def test_hybrid_section_recovery_line():
     assert [r.split("|")[1].strip() for r in rows] == ["int8", "hybrid", "fp16"]
     assert hybrid_section(Selection("u", "e", None, [int8, fp16], ["quantize"])) == []   # no hybrid run: no section
 
+
+
+class _Recorder:
+    """Stands in for rknn.api.RKNN to check the glue around the two hybrid steps (the real toolkit runs them in
+    tests/integration/test_accuracy_study.py): step1 writes the config the toolkit writes, step2 reads it."""
+
+    seen: dict = {}
+
+    def __init__(self, verbose=False):
+        pass
+
+    def config(self, **_):
+        return 0
+
+    def load_onnx(self, model):
+        return 0
+
+    def hybrid_quantization_step1(self, dataset, rknn_batch_size=None):
+        Path("model.quantization.cfg").write_text("custom_quantize_layers: {}\nquantize_parameters:\n"
+                                                  "    /a_output_0: {dtype: int8}\n    b_int8: {dtype: int8}\n")
+        Path("model.model").write_text("m")
+        Path("model.data").write_text("d")
+        return 0
+
+    def hybrid_quantization_step2(self, model_input, data_input, model_quantization_cfg):
+        import yaml
+        _Recorder.seen = yaml.safe_load(Path(model_quantization_cfg).read_text())
+        return 0 if Path(model_input).exists() and Path(data_input).exists() else -1
+
+    def release(self):
+        pass
+
+
+def test_hybrid_steps_edit_the_generated_config(tmp_path, monkeypatch):
+    from rkbench.toolkit import ConvertOptions, _build_hybrid
+
+    monkeypatch.chdir(tmp_path)
+    opts = ConvertOptions("rk3588", True, "normal", "channel", "w8a8", 1, hybrid=("b_int8",))
+    rknn, step, error, _ = _build_hybrid(_Recorder, tmp_path / "model.onnx", opts, tmp_path / "dataset.txt")
+    assert rknn is not None and not error
+    assert _Recorder.seen["custom_quantize_layers"] == {"b_int8": "float16"}
+    assert "/a_output_0" in _Recorder.seen["quantize_parameters"]
+    assert list(tmp_path.iterdir()) == []          # step1's files stay in their temporary folder
+    unknown = ConvertOptions("rk3588", True, "normal", "channel", "w8a8", 1, hybrid=("nope",))
+    rknn, step, error, machine = _build_hybrid(_Recorder, tmp_path / "model.onnx", unknown, tmp_path / "dataset.txt")
+    assert rknn is None and step == "hybrid_quantization_step1" and "nope" in error and not machine
