@@ -56,6 +56,10 @@ GROUPS = {g.name: g for g in (
     Group("convert", "rknn-toolkit2 build seconds and .rknn size", "host"),
     Group("export", "exported ONNX size", "host"),
     Group("calib", "calibration images actually used", "host"),
+    Group("accuracy", "rknn-toolkit2 accuracy_analysis, int8 vs float per layer: worst_cosine / worst_euclidean (the "
+          "layer with the lowest single-layer cosine), worst_entire_cosine (errors accumulated from the input), "
+          "output_cosine/<output> (accumulated, at each model output), layers, q_zero_layers, images", "simulator"),
+    Group("hybrid", "hybrid quantization: layers kept in float16 (their names: tag rkbench.hybrid.layers)", "host"),
     Group("sweep", "on the parent run: configurations by status (finished, failed, reused); best_map50_95 and "
           "fastest_<place>_..._p50 of its children", "host"),
 )}
@@ -70,6 +74,8 @@ def where(name: str) -> Optional[str]:
     head, _, rest = name.partition("/")
     if head == "eval_float":
         return "host"
+    if head == "accuracy":
+        return "simulator"
     place = rest.split("_", 1)[0]
     return place if place in WHERE else None
 

@@ -54,6 +54,9 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
      "only the .rknn uses it, and target={target}{runtime} runs the ONNX"),
     (("algo", "quant_method", "quant_dtype", "calib.size", "calib.source", "calib.seed"), quantizes,
      "only an int8 .rknn is calibrated (target={target}{runtime}, quantize={quantize})"),
+    (("accuracy.analysis", "accuracy.images", "accuracy.top_k", "hybrid.layers"), quantizes,
+     "per-layer quantization error and hybrid quantization need an int8 .rknn (target={target}{runtime}, "
+     "quantize={quantize})"),
     (("core_mask",), lambda r: r.target == "board" and uses_rknn(r),
      "NPU cores are chosen only on a board running the .rknn (target={target}{runtime})"),
     (("eval.float_reference",), lambda r: r.target != "onnxruntime",
