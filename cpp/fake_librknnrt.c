@@ -192,9 +192,29 @@ int rknn_query(rknn_context ctx, rknn_query_cmd cmd, void *info, uint32_t size) 
     return RKNN_ERR_PARAM_INVALID;
 }
 
+/* NPU cores of the emulated SoC, from the emulated board's device tree ($RKBENCH_BOARD_ROOT; 3 without one). */
+static unsigned emulated_npu_cores(void) {
+    const char *root = getenv("RKBENCH_BOARD_ROOT");
+    char path[1100], text[512] = {0};
+    if (!root) return 3;
+    snprintf(path, sizeof path, "%s/proc/device-tree/compatible", root);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 3;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++) text[i] = text[i] ? text[i] : ';';
+    if (strstr(text, "rockchip,rk3588;")) return 3;
+    if (strstr(text, "rockchip,rk3576;")) return 2;
+    return 1;
+}
+
 int rknn_set_core_mask(rknn_context ctx, rknn_core_mask mask) {
-    (void)mask;  /* accepted and ignored: there is no NPU */
-    return get(ctx) ? RKNN_SUCC : RKNN_ERR_CTX_INVALID;
+    if (!get(ctx)) return RKNN_ERR_CTX_INVALID;
+    /* like librknnrt: a mask naming a core the SoC lacks is not an error, it falls back to auto with a warning */
+    unsigned m = (unsigned)mask;
+    if (m != 0 && m != 0xffff && (m >> emulated_npu_cores()) != 0)
+        fprintf(stderr, "E RKNN: Not support core mask: %u, fallback to single core auto mode\n", m);
+    return RKNN_SUCC;  /* there is no NPU: nothing else to set */
 }
 
 int rknn_inputs_set(rknn_context ctx, uint32_t n_inputs, rknn_input inputs[]) {

@@ -99,6 +99,18 @@ class MeasureConfig:
 
 
 @dataclass
+class AccuracyConfig:
+    analysis: bool = False                  # rknn-toolkit2 accuracy_analysis: per-layer cosine / euclidean vs float
+    images: int = 1                         # dataset images analysed (the first N); distances averaged over them
+    top_k: int = 10                         # worst layers kept in the tag rkbench.accuracy.worst (the report's table)
+
+
+@dataclass
+class HybridConfig:
+    layers: int = 0                         # keep the N worst layers of accuracy_analysis in float16; 0 = plain int8
+
+
+@dataclass
 class BoardConfig:
     serial: Optional[str] = None
     address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
@@ -116,6 +128,7 @@ class BoardConfig:
     ssh_known_hosts: Optional[str] = None   # default ~/.ssh/known_hosts; an unknown board is refused
     timeout_s: float = 600.0
     reconnect_s: float = 120.0              # after the board drops: wait this long in all (backoff) before giving up
+    pin_freq: bool = False                  # performance governor on NPU/DDR/CPU while measuring, restored after
 
 
 @dataclass
@@ -146,6 +159,8 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     board: BoardConfig = field(default_factory=BoardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache_dir: str = ".rkbench_cache"
@@ -202,6 +217,8 @@ def axes() -> dict[str, str]:
         "calib.size": "calibration images >= 1",
         "calib.source": "dataset (the eval images) or a folder of images",
         "core_mask": ", ".join(CORE_MASKS),
+        "hybrid.layers": "0 (int8) or N >= 1: the N worst layers of accuracy_analysis kept in float16",
+        "accuracy.analysis": "true, false (rknn-toolkit2 accuracy_analysis per layer on the simulator)",
         "eval.float_reference": "true, false (also score the float ONNX on the host)",
         "target": ", ".join(TARGETS),
         "runner": f"{', '.join(RUNNERS)} (the on-device runner of target=board)",
@@ -258,6 +275,13 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"calib.size={run.calib.size}: need at least one calibration image")
     if run.calib.source != "dataset":
         _must_exist("calib.source", run.calib.source)
+    if run.accuracy.images < 1 or run.accuracy.top_k < 1:
+        raise ConfigError(f"accuracy.images={run.accuracy.images}, accuracy.top_k={run.accuracy.top_k}: both must be >= 1")
+    if run.hybrid.layers < 0:
+        raise ConfigError(f"hybrid.layers={run.hybrid.layers}: use 0 (plain int8) or the number of layers to keep in float16")
+    if run.hybrid.layers and run.quantize and run.quant_dtype != "w8a8":
+        raise UnsupportedCombination(f"hybrid.layers={run.hybrid.layers} keeps layers of an int8 model in float16: "
+                                     f"use quant_dtype=w8a8 (not {run.quant_dtype}) or hybrid.layers=0")
 
     m = run.model
     sources = [s for s in (m.weights, m.yaml, m.onnx) if s]

@@ -289,6 +289,7 @@ class BoardSession:
     local_dir: Path
     remote_dir: str
     attempts: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)      # mode -> the runner's stdout and stderr (last attempt)
 
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
@@ -351,6 +352,7 @@ class BoardSession:
         out = f"{self.remote_dir}/{mode}-{attempt}.json"
         detections = f"{self.remote_dir}/{mode}-{attempt}.detections.json"
         result = self._runner(mode, attempt, out, detections)
+        self.logs[mode] = result.output
         code = result.exit_code
         if code in (126, 127) and self.deployed.kind == "cpp":
             raise DeviceError(f"the C++ runner cannot start on the {self.where} (exit {code}): it needs glibc >= 2.17 "

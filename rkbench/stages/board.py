@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 from rkbench import metrics as M
 from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
+from rkbench.device import clocks, runner_log
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
 from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs, kill_runners
 from rkbench.device.toolkit_perf import toolkit_perf
@@ -104,25 +105,26 @@ def _gone(key: tuple, exc: BoardGone) -> BoardGone:
 def blocking_findings(facts: BoardFacts, findings: list[Finding], runtime: str) -> list[Finding]:
     """What stops a run with this runtime. ONNX Runtime on the board's CPU does not touch the NPU stack,
     so SoC, librknnrt and toolkit versions only matter for rknnlite and the C++ runner (runtime "cpp"), which
-    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt."""
+    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt.
+    The Python runner needs board.python with numpy and opencv (findings that need "python")."""
+    errors = [f for f in findings if f.level == "error"]
     if runtime == "cpp":
-        return [] if facts.emulated else [f for f in findings if f.level == "error" and "python3" not in f.what]
-    if runtime == "rknnlite":
-        found = [f for f in findings if f.level == "error"]
-        if facts.python is not None and facts.toolkit_lite2 is None:
-            found.append(Finding("error", "rknn-toolkit-lite2 is not installed for the board's python3",
-                                 "pip install the rknn_toolkit_lite2 wheel on the board, or set board.runtime=onnxruntime"))
-        return found
+        return [] if facts.emulated else [f for f in errors if f.needs != "python"]
+    found = errors if runtime == "rknnlite" else [f for f in errors if f.needs == "python"]
     if facts.python is None:
-        return [Finding("error", "no python3 on the board", "install python3 there or set board.python=/path/to/python3")]
-    if facts.onnxruntime is None:
-        return [Finding("error", "onnxruntime is not installed for the board's python3",
-                        "pip install onnxruntime on the board, or set board.runtime=rknnlite")]
-    return []
+        return found
+    engine = "rknn-toolkit-lite2" if runtime == "rknnlite" else "onnxruntime"
+    if (facts.toolkit_lite2 if runtime == "rknnlite" else facts.onnxruntime) is None:
+        other = "onnxruntime" if runtime == "rknnlite" else "rknnlite"
+        found.append(Finding("error", f"{engine} is not installed for the board's {facts.python_path} (board.python)",
+                             f"pip install {'the rknn_toolkit_lite2 wheel' if runtime == 'rknnlite' else engine} for "
+                             f"{facts.python_path} on the board, point board.python at a "
+                             f"Python that has it, or set board.runtime={other}", "python"))
+    return found
 
 
 def inspect_board(transport: Transport, run: RunConfig) -> tuple[BoardFacts, dict[str, str]]:
-    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root)
+    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root, python=run.board.python)
     findings = check(facts, expected_soc=run.platform)
     where = "emulator" if facts.emulated else "board"
     runtime = "librknnrt" if run.runner == "cpp" else run.board.runtime
@@ -155,9 +157,13 @@ def _system_metrics(result: dict[str, Any], mode: str, where: str) -> dict[str, 
     cpu = system.get("cpu_load") or {}
     if cpu.get("available"):
         out[M.system(where, mode, "cpu_load_pct")] = cpu["mean_pct"]
-    peak = (system.get("memory") or {}).get("peak_rss_mib")
-    if peak is not None:
-        out[M.system(where, mode, "peak_rss_mib")] = peak
+    memory = system.get("memory") or {}
+    for key in ("peak_rss_mib", "rss_mib_mean"):   # VmHWM at the end, VmRSS sampled (the runner's own pid)
+        if memory.get(key) is not None:
+            out[M.system(where, mode, key)] = memory[key]
+    for name, clock in (system.get("clocks") or {}).items():   # npu_freq_mhz_min, temp_soc_thermal_c_max, ...
+        for stat in ("min", "max"):
+            out[M.system(where, mode, f"{name}_{clock['unit'].lower()}_{stat}")] = float(clock[stat])
     return out
 
 
@@ -270,6 +276,30 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+def keep_runner_log(session: BoardSession, mode: str, attach: Attach, tags: dict[str, str], record: Record) -> None:
+    """The runner's stdout and stderr as artifact board/<mode>.log; known librknnrt warnings as tags."""
+    if mode not in session.logs:   # the runner never answered (timeout, link lost)
+        return
+    text = session.logs[mode]
+    path = session.local_dir / f"{mode}.log"
+    path.write_text(text)
+    attach(path, "board")
+    found = {k: v for k, v in runner_log.warnings(mode, text).items() if k not in tags}
+    if found:
+        log.warning("runner %s: %s", mode, "; ".join(found.values()))
+        tags.update(found)
+        record({}, found)
+
+
+def restore_clocks(transport: Transport, pinned: clocks.Pinned) -> None:
+    """Governors back as they were; a failure here is logged, never hides the measurement's own error."""
+    try:
+        clocks.restore(transport, pinned)
+    except DeviceError as exc:
+        log.error("%s", exc)
+
+
+
 def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
     """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
     C++ runner does latency, eval and throughput; tiling stays with the Python runner (CPP_NO_TILING)."""
@@ -288,10 +318,20 @@ def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
-    None where the board runs the ONNX and no toolkit perf was asked for."""
+    None where the board runs the ONNX. With board.pin_freq the governors are
+    pinned first, so the probe's board.* tags show the clocks as measured, and restored however the measurement
+    ends (Ctrl-C too)."""
     transport = connect(run)
     try:
-        return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+        if not run.board.pin_freq:
+            return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+        pinned = clocks.pin(transport)
+        record({}, {"board.pinned": pinned.describe()})
+        try:
+            metrics, tags = _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+        finally:
+            restore_clocks(transport, pinned)
+        return metrics, dict(tags, **{"board.pinned": pinned.describe()})
     except BoardGone as exc:   # waited board.reconnect_s while the runner's link was down: the board is away
         raise _gone(_board_key(run), exc) from exc
 
@@ -338,11 +378,15 @@ def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Op
     how: list[str] = []
     for mode in modes:
         log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
-        result = session.run_mode(mode)
+        try:
+            result = session.run_mode(mode)
+        finally:   # the runner's log is kept whether the mode worked or not
+            keep_runner_log(session, mode, attach, tags, record)
         attach(session.local_dir / f"{mode}.json", "board")
         if mode == "eval":
             detections_file = session.local_dir / "eval.detections.json"
             found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
+            found.update(_system_metrics(result, mode, where))
             attach(detections_file, "detections")
         else:
             found = mode_metrics(mode, result, where)

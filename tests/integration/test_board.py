@@ -47,8 +47,10 @@ def _watchdog() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("board")
+def workdir(tmp_path_factory, stage_cache: Path) -> Path:
+    path = tmp_path_factory.mktemp("board")
+    (path / "cache").symlink_to(stage_cache, target_is_directory=True)   # exports shared with the other board tests
+    return path
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def artifact_json(workdir: Path, run_id: str, path: str, dst: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(workdir: Path, adb_server, emulated_board: EmulatedBoard):
-    """One configuration with every mode (and toolkit_perf asked for, which the emulator must skip)."""
+    """One configuration with every mode (and toolkit_perf asked for, which collapses: this board runs the ONNX)."""
     emulated_board.faults = FaultPlan()
     argv = common(workdir, emulated_board, adb_server.port) + [f"resolution={RESOLUTION}", MODES, *SMALL,
                                                                "measure.toolkit_perf=true"]
@@ -106,7 +108,8 @@ def test_every_mode_runs_on_the_emulator_and_eval_matches_host_onnxruntime(first
     assert tags["rkbench.device_kind"] == "emulator" and tags["rkbench.runtime"] == "onnxruntime"
     assert tags["board.soc"] == "rk3588" and tags["board.emulated"] == "true" and tags["board.dmc"] == "true"
     assert "not NPU latency" in tags["rkbench.measure"]
-    assert tags["rkbench.toolkit_perf"].startswith("skipped")
+    # toolkit_perf profiles the .rknn, and this board runs the ONNX: collapsed, nothing converted
+    assert "measure.toolkit_perf" in tags["rkbench.collapsed"] and "convert/build_s" not in m
 
     for part in ("pre", "infer", "post", "total"):
         for stat in ("p50", "p90", "p99", "mean", "std", "min", "cv"):
@@ -127,7 +130,9 @@ def test_every_mode_runs_on_the_emulator_and_eval_matches_host_onnxruntime(first
     for mode in ("latency", "throughput", "tiling"):
         assert m[f"system/emulator_{mode}_peak_rss_mib"] > 10
         assert 0 <= m[f"system/emulator_{mode}_cpu_load_pct"] <= 100
-        assert f"system/emulator_{mode}_npu_load_pct" in m      # sampled from the board's debugfs node
+        assert f"system/emulator_{mode}_npu_load_pct" not in m   # no NPU, no load node: nothing fabricated
+        assert f"system/emulator_{mode}_npu_freq_mhz_max" in m      # emulated clocks, tagged as such
+    assert "board.kernel" not in tags and "stand-in" in tags["board.emulated_facts"]
     assert m["deploy/pushed"] >= 1
 
     latency = artifact_json(workdir, run.info.run_id, "board/latency.json", tmp_path)
@@ -320,6 +325,8 @@ def test_cpp_runner_without_librknnrt_fails_in_one_line(runners_sweep, workdir, 
     assert "cannot load /data/local/tmp/rkbench/nowhere/librknnrt.so" in error
     assert "install librknnrt.so on the board" in error
     assert run.data.tags["rkbench.cpp_engine"].startswith("replay stand-in")     # recorded before the failure
+    log = client(workdir).download_artifacts(run.info.run_id, "board/latency.log", str(workdir / "failed-log"))
+    assert "cannot load" in Path(log).read_text()                                # the runner's own words, kept
 
 
 def test_doctor_takes_the_sweeps_board_settings(adb_server, quiet_board, capsys):
