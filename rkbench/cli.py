@@ -183,10 +183,11 @@ def finish(out_dir: str, configs: list[RunConfig], swept: list[str]) -> int:
 
 def already_measured(configs: list[RunConfig], multirun: bool) -> Optional[list[pipeline.Outcome]]:
     """The no-op resume: every configuration's identity already FINISHED and, for a sweep, one earlier
-    sweep holds them all, so there is nothing to run and no membership to record. Read from the sqlite
-    store directly (rkbench/ledger.py); None sends the invocation down the normal path. The outcomes
-    name the measured runs, and the holding sweep as their parent."""
-    from rkbench.ledger import holding_sweep, measured_runs
+    sweep holds them all, so there is nothing to run and no membership to record. Read from a sqlite
+    store directly, from any other store (a tracking server) through MLflow's client (rkbench/ledger.py);
+    None sends the invocation down the normal path. The outcomes name the measured runs, and the holding
+    sweep as their parent."""
+    from rkbench.ledger import holding_sweep, measured_runs, measured_runs_via_client
     from rkbench.tracking import sqlite_path
 
     stores = {(r.tracking.uri, r.tracking.experiment) for r in configs}
@@ -195,7 +196,9 @@ def already_measured(configs: list[RunConfig], multirun: bool) -> Optional[list[
     keys = [spec.identity(spec.plan(run), pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())).key
             for run in configs]
     [(uri, experiment)] = stores
-    found = measured_runs(sqlite_path(uri), experiment, sorted(set(keys)))
+    db = sqlite_path(uri)   # a sqlite file is read directly; a tracking server (team store) through MLflow
+    found = (measured_runs(db, experiment, sorted(set(keys))) if db
+             else measured_runs_via_client(uri, experiment, sorted(set(keys))))
     holder = holding_sweep(found) if found is not None and multirun else None
     if found is None or (multirun and holder is None):
         return None
