@@ -3,7 +3,7 @@ trial's job returns `objective()`, which optuna minimises:
 
     the run's p50 latency where it was measured   when its eval/map50_95 >= search.min_map50_95
     INFEASIBLE * (1 + shortfall)                  when it misses the target (worse than any latency in ms)
-    nan                                           when it has no mAP or no latency (a FAILED run: a failed trial)
+    FAILED                                        when it has no mAP or no latency (a FAILED run)
 
 The latency is the run's own, named by where it was measured (board, emulator, simulator, host: the first
 latency of metrics.KEY_METRICS it has); on the demo without a board that is simulator time, never NPU
@@ -14,7 +14,6 @@ Search section shows."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -27,6 +26,9 @@ from rkbench import metrics as M
 log = logging.getLogger("rkbench")
 
 INFEASIBLE = 1e6   # ms: any configuration that meets the target beats every one that does not
+# Worse than any trial that ran. Not nan: optuna 2.10 turns nan into a failed trial, and a search whose every
+# trial failed then ends in a traceback (no best trial) instead of a FAILED sweep.
+FAILED = 3 * INFEASIBLE
 TAG = "rkbench.search"   # on the parent: the target; TAG + ".best": the best trial
 
 
@@ -38,7 +40,7 @@ def latency_metric(metrics: dict[str, float]) -> Optional[str]:
 def objective(metrics: dict[str, float], min_map50_95: float) -> float:
     latency = latency_metric(metrics)
     if latency is None or M.EVAL_MAP not in metrics:
-        return math.nan
+        return FAILED
     shortfall = min_map50_95 - metrics[M.EVAL_MAP]
     return metrics[latency] if shortfall <= 0 else INFEASIBLE * (1 + shortfall)
 
@@ -65,7 +67,7 @@ def best(runs: Iterable[Any], min_map50_95: float) -> Optional[Best]:
     """The fastest run (anything with .name, .run_id, .metrics: outcomes or report records) that meets the
     target; None when none does."""
     scored = [(objective(r.metrics, min_map50_95), r) for r in runs]
-    feasible = [(score, r) for score, r in scored if not math.isnan(score) and score < INFEASIBLE]
+    feasible = [(score, r) for score, r in scored if score < INFEASIBLE]
     if not feasible:
         return None
     _, r = min(feasible, key=lambda pair: pair[0])

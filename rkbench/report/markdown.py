@@ -5,7 +5,6 @@ a dependency."""
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime, timezone
 from typing import Optional, Sequence
@@ -172,20 +171,20 @@ def _search(sel: Selection) -> list[str]:
     if search.TAG not in tags:
         return []
     target = float(tags[f"{search.TAG}.min_map50_95"])
-    scored = sorted(((search.objective(r.metrics, target), r) for r in sel.runs),
-                    key=lambda pair: (math.isnan(pair[0]), pair[0]))
+    scored = sorted(((search.objective(r.metrics, target), r) for r in sel.runs), key=lambda pair: pair[0])
     rows = []
     for score, r in scored:
         metric = search.latency_metric(r.metrics)
         place = where(metric) if metric else None
         rows.append([r.name, r.status, r.metrics.get(EVAL_MAP), metric.split("/", 1)[1] if metric else "-",
                      r.metrics.get(metric) if metric else None, place or "-",
-                     "-" if math.isnan(score) else ("yes" if score < search.INFEASIBLE else "no")])
+                     "-" if score == search.FAILED else ("yes" if score < search.INFEASIBLE else "no")])
     found = search.best(sel.runs, target)
     return ["", "## Search", "",
             f"{tags[search.TAG]}; optuna ({tags.get(search.TAG + '.sampler', '?')}, "
             f"{tags.get(search.TAG + '.n_trials', '?')} trials) minimised each trial's value: its latency when it "
-            f"meets the target, else {search.INFEASIBLE:g} x (1 + shortfall). Only board latency is NPU latency.", "",
+            f"meets the target, else {search.INFEASIBLE:g} x (1 + shortfall) ({search.FAILED:g} for a failed run). Only "
+            "board latency is NPU latency.", "",
             f"**Best:** {found.line()}" if found else
             "**No trial met the target**: lower search.min_map50_95, widen the axes or add trials.", "",
             table(["trial run", "status", "map50_95", "latency", "ms", "measured on", "meets target"], rows,
