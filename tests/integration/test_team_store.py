@@ -156,3 +156,13 @@ def test_two_sweeps_at_once_then_resume_links_and_report(team_store: TeamStore, 
     [md] = (tmp_path / "reports").glob("*.md")
     text = md.read_text()
     assert all(f"demo_yolov8n {r}" in text for r in (64, 96, 128, 160)) and "Reused measurements" in text
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_sweep_before_any_work(tmp_path: Path, monkeypatch, capsys):
+    from rkbench.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}"     # nothing listens there
+    assert main([*SWEEP, "resolution=64", f"tracking.uri={url}", f"cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking.uri={url}: no MLflow server answers" in err and "Team store" in err
