@@ -45,14 +45,11 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: floa
 
 
 def _stop(server: subprocess.Popen) -> None:
-    """The server and its workers (own process group)."""
+    """The server and its workers (own process group). SIGKILL: a graceful uvicorn shutdown waits seconds
+    for the clients' keep-alive connections, and a throwaway store has nothing to flush."""
     if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
