@@ -37,6 +37,15 @@ def test_best_is_the_fastest_trial_that_meets_the_target_and_says_where_it_was_t
     assert search.best(trials, 0.9) is None
 
 
+def test_the_search_study_composes_its_whole_space_for_preflight(tmp_path, monkeypatch):
+    from rkbench.cli import preflight
+
+    monkeypatch.chdir(tmp_path)    # preflight loads the demo dataset into ./.rkbench_cache
+    runs, _, swept, trials = preflight(["+experiment=search", "-m"])
+    assert len(runs) == 5 * 3 * 2 and trials == 8 and swept == ["resolution", "algo", "quant_method"]
+    assert {(r.study, r.search.min_map50_95, r.tracking.experiment) for r in runs} == {("search", 0.75, "search")}
+
+
 @pytest.mark.slow
 def test_a_tiny_search_on_the_demo_logs_its_trials_and_reports_the_best(tmp_path: Path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
