@@ -163,3 +163,34 @@ def test_a_tracking_server_that_does_not_answer_stops_the_sweep_before_any_work(
     assert main([*SWEEP, "resolution=64", f"tracking.uri={url}", f"cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert f"tracking.uri={url}: no MLflow server answers" in err and "Team store" in err
+
+
+def test_the_resume_lookup_through_mlflow_agrees_with_the_sqlite_one(tmp_path: Path) -> None:
+    """ledger.measured_runs_via_client (tracking servers) and ledger.measured_runs (sqlite, read directly)
+    answer the same on the same store: measured runs, the sweeps holding them (FINISHED ones only), metrics."""
+    from rkbench.ledger import holding_sweep, measured_runs, measured_runs_via_client
+    from rkbench.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "ledger")
+
+    def sweep(status: str, children: dict[str, str]) -> str:
+        parent = tracker.start("sweep", {"rkbench.kind": "sweep"})
+        for identity, kind in children.items():
+            run = tracker.start(identity, {"rkbench.kind": kind, "rkbench.identity": identity}, parent=parent)
+            tracker.log(run, {"eval/map50_95": 0.5})
+            tracker.end(run, "FINISHED")
+        tracker.end(parent, status)
+        return parent
+
+    first = sweep("FINISHED", {"a": "config", "b": "config"})
+    second = sweep("FINISHED", {"a": "link", "b": "link"})
+    sweep("KILLED", {"a": "link"})                        # a killed sweep holds nothing
+    db = tmp_path / "mlflow.db"
+    direct, client = measured_runs(db, "ledger", ["a", "b"]), measured_runs_via_client(uri, "ledger", ["a", "b"])
+    assert direct == client and direct is not None
+    assert client["a"].parents == {first, second} and client["a"].metrics == {"eval/map50_95": 0.5}
+    assert holding_sweep(client) == holding_sweep(direct) == min(first, second)
+    assert measured_runs_via_client(uri, "ledger", ["a", "c"]) is None                # c never measured
+    assert measured_runs(db, "ledger", ["a", "c"]) is None
+    assert measured_runs_via_client(uri, "no such experiment", ["a"]) is None
