@@ -4,7 +4,6 @@ configuration, then the sweep's summary and exit code."""
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -17,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rkbench import lifecycle, pipeline, spec
+from rkbench import lifecycle, pipeline, search, spec
 from rkbench import preflight as checks
 from rkbench import tables
 from rkbench import metrics as M
@@ -48,14 +47,16 @@ def check_added_keys(overrides: list[str]) -> None:
                                "fix the name or drop it (python -m rkbench --help lists the axes)")
 
 
-def _compose(argv: list[str]) -> tuple[list[RunConfig], str, list[str]]:
-    """compose_all, plus the keys the sweep varies in command-line order (empty without -m)."""
+def _compose(argv: list[str]) -> tuple[list[RunConfig], str, list[str], Optional[int]]:
+    """compose_all, plus the keys the sweep varies in command-line order (empty without -m) and, for a
+    search (hydra/sweeper=optuna), its number of trials: the configurations are then its whole space."""
     from hydra import compose, initialize_config_dir
 
     overrides = [a for a in argv if not a.startswith("-")]
     check_added_keys(overrides)
     configs = []
     swept: list[str] = []
+    trials: Optional[int] = None
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         combos = [overrides]
         fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
@@ -64,6 +65,7 @@ def _compose(argv: list[str]) -> tuple[list[RunConfig], str, list[str]]:
         if _is_multirun(argv):
             declared = {k: str(v) for k, v in (base.hydra.sweeper.get("params") or {}).items()}
             combos, swept = lifecycle.expand(lifecycle.sweep_overrides(overrides, declared))
+            trials = base.hydra.sweeper.get("n_trials")
         for combo in combos:
             try:
                 # effective: axes without effect collapsed, combinations of the axes that apply checked
@@ -72,27 +74,28 @@ def _compose(argv: list[str]) -> tuple[list[RunConfig], str, list[str]]:
                 key = getattr(exc, "full_key", "") or ""
                 raise RkbenchError(f"{' '.join(combo)}: {str(exc).splitlines()[0]}"
                                    + (f": set {key}=..." if key else "")) from None
-    return configs, out_dir, swept
+    return configs, out_dir, swept, trials
 
 
 def compose_all(argv: list[str]) -> tuple[list[RunConfig], str]:
     """Compose and validate every configuration the command line asks for (all sweep combinations).
     Also returns the output dir of this invocation (hydra.sweep.dir or hydra.run.dir, resolved once)."""
-    configs, out_dir, _ = _compose(argv)
+    configs, out_dir, _, _ = _compose(argv)
     return configs, out_dir
 
 
-def preflight(argv: list[str]) -> tuple[list[RunConfig], str, list[str]]:
+def preflight(argv: list[str]) -> tuple[list[RunConfig], str, list[str], Optional[int]]:
     """Config and data checks for the whole sweep, before any export or conversion (rkbench/preflight.py).
-    Returns the effective configurations, the invocation's output dir and the swept keys."""
+    Returns the effective configurations, the invocation's output dir, the swept keys and a search's
+    number of trials (None for a grid)."""
     from hydra.errors import HydraException
 
     try:
-        configs, out_dir, swept = _compose(argv)
+        configs, out_dir, swept, trials = _compose(argv)
     except HydraException as exc:
         raise RkbenchError(checks.hydra_message(exc)) from None
     checks.check_runs(configs)
-    return configs, out_dir, swept
+    return configs, out_dir, swept, trials
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -108,7 +111,7 @@ def hydra_entry(cfg: DictConfig) -> float:
         log.info("%s: %s", lifecycle.position(hc.job.num, int(sweep.RKBENCH_SWEEP_SIZE), Path(hc.sweep.dir)),
                  pipeline.run_name(run, ctx))
     outcome = pipeline.run(run, ctx)
-    return outcome.metrics.get(M.EVAL_MAP, math.nan)  # what a sweeper (e.g. optuna) would optimise
+    return search.objective(outcome.metrics, run.search.min_map50_95)  # what optuna minimises (rkbench/search.py)
 
 
 def _cell(o: pipeline.Outcome, metric: str) -> str:
@@ -183,10 +186,11 @@ def finish(out_dir: str, configs: list[RunConfig], swept: list[str]) -> int:
 
 def already_measured(configs: list[RunConfig], multirun: bool) -> Optional[list[pipeline.Outcome]]:
     """The no-op resume: every configuration's identity already FINISHED and, for a sweep, one earlier
-    sweep holds them all, so there is nothing to run and no membership to record. Read from the sqlite
-    store directly (rkbench/ledger.py); None sends the invocation down the normal path. The outcomes
-    name the measured runs, and the holding sweep as their parent."""
-    from rkbench.ledger import holding_sweep, measured_runs
+    sweep holds them all, so there is nothing to run and no membership to record. Read from a sqlite
+    store directly, from any other store (a tracking server) through MLflow's client (rkbench/ledger.py);
+    None sends the invocation down the normal path. The outcomes name the measured runs, and the holding
+    sweep as their parent."""
+    from rkbench.ledger import holding_sweep, measured_runs, measured_runs_via_client
     from rkbench.tracking import sqlite_path
 
     stores = {(r.tracking.uri, r.tracking.experiment) for r in configs}
@@ -195,7 +199,9 @@ def already_measured(configs: list[RunConfig], multirun: bool) -> Optional[list[
     keys = [spec.identity(spec.plan(run), pipeline.load_dataset(run.dataset, Path(run.cache_dir).expanduser().resolve())).key
             for run in configs]
     [(uri, experiment)] = stores
-    found = measured_runs(sqlite_path(uri), experiment, sorted(set(keys)))
+    db = sqlite_path(uri)   # a sqlite file is read directly; a tracking server (team store) through MLflow
+    found = (measured_runs(db, experiment, sorted(set(keys))) if db
+             else measured_runs_via_client(uri, experiment, sorted(set(keys))))
     holder = holding_sweep(found) if found is not None and multirun else None
     if found is None or (multirun and holder is None):
         return None
@@ -311,12 +317,12 @@ def run_sweep(argv: list[str]) -> int:
         return 0
     pipeline.forget_datasets()
     try:
-        configs, out_dir, swept = preflight(argv)
+        configs, out_dir, swept, trials = preflight(argv)
     except RkbenchError as err:
         print(f"rkbench: error: {err}", file=sys.stderr)
         return 2
     multirun = _is_multirun(argv)
-    done = already_measured(configs, multirun)
+    done = already_measured(configs, multirun) if trials is None else None   # a search runs its trials
     if done is not None:
         print(format_outcomes(done))
         print(format_mlflow(done, configs[0], "the earlier sweep that holds every configuration"))
@@ -331,7 +337,7 @@ def run_sweep(argv: list[str]) -> int:
     # pinned to the one preflight resolved, so the summary reads the outcomes from where the jobs wrote;
     # a sweep's size and swept keys travel to every job in its config (hydra.job.env_set).
     flags = [a for a in argv if a in ("-m", "--multirun")]
-    pinned = [_pin("hydra.sweep.dir", out_dir), f"hydra.job.env_set.RKBENCH_SWEEP_SIZE={len(configs)}",
+    pinned = [_pin("hydra.sweep.dir", out_dir), f"hydra.job.env_set.RKBENCH_SWEEP_SIZE={trials or len(configs)}",
               _pin("hydra.job.env_set.RKBENCH_SWEPT", ",".join(swept))] if flags else [_pin("hydra.run.dir", out_dir)]
     sys.argv = [sys.argv[0]] + flags + [a for a in argv if a not in flags] + pinned
     try:

@@ -132,6 +132,13 @@ class BoardConfig:
 
 
 @dataclass
+class SearchConfig:
+    """hydra/sweeper=optuna (experiments/search.yaml): each trial's job returns its p50 latency where measured,
+    when its mAP50-95 meets this target (rkbench/search.py). Not part of a run's identity."""
+    min_map50_95: float = 0.0
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"       # conf/config.yaml takes MLflow's MLFLOW_TRACKING_URI when it is set
     experiment: str = "rkbench"
@@ -163,6 +170,7 @@ class RunConfig:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     board: BoardConfig = field(default_factory=BoardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     cache_dir: str = ".rkbench_cache"
     resume: bool = True                     # skip configurations already FINISHED in MLflow
     study: str = "default"
@@ -339,6 +347,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:
         raise ConfigError("eval.conf must be in [0, 1) and eval.iou in (0, 1]")
+    if not 0.0 <= run.search.min_map50_95 <= 1.0:
+        raise ConfigError(f"search.min_map50_95={run.search.min_map50_95}: a mAP50-95 target in [0, 1]")
 
 
 def flatten(run: RunConfig) -> dict[str, str]:

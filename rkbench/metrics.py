@@ -62,6 +62,8 @@ GROUPS = {g.name: g for g in (
     Group("hybrid", "hybrid quantization: layers kept in float16 (their names: tag rkbench.hybrid.layers)", "host"),
     Group("sweep", "on the parent run: configurations by status (finished, failed, reused); best_map50_95 and "
           "fastest_<place>_..._p50 of its children", "host"),
+    Group("search", "on the parent run of a search (hydra/sweeper=optuna, rkbench/search.py): trials, feasible (trials "
+          "meeting search.min_map50_95) and the best trial's latency search/<where>_<part>_ms_p50", "name"),
 )}
 
 

@@ -284,7 +284,8 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
                                       **{f"versions.{k}": v for k, v in ident.versions.items()},
                                       "versions.rkbench_measurement": str(spec.MEASUREMENT_VERSION)},
                                parent=parent)
-        tracker.log(run_id, params=flatten(run_cfg))
+        # search.* is how a search scores the run, not what it measured: not a param (else it reads as an axis)
+        tracker.log(run_id, params={k: v for k, v in flatten(run_cfg).items() if not k.startswith("search.")})
         from omegaconf import OmegaConf
         tracker.text(run_id, OmegaConf.to_yaml(OmegaConf.structured(run_cfg)), "config.yaml")
         log.info("%s: MLflow run %s", name, run_id)

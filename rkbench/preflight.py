@@ -40,6 +40,7 @@ def check_runs(configs: list[RunConfig]) -> None:
         check_adopted_onnx(run)
     for uri in sorted({run.tracking.uri for run in configs if run.tracking.enabled}):
         check_tracking_uri(uri)
+        check_tracking_server(uri)
     for cache_dir in sorted({run.cache_dir for run in configs}):
         check_writable_folder(Path(cache_dir).expanduser().resolve(), "cache_dir")
     for source, size, seed in sorted({(run.calib.source, run.calib.size, run.calib.seed) for run in configs
@@ -96,6 +97,22 @@ def check_tracking_uri(uri: str) -> None:
             raise ConfigError(f"tracking.uri={uri} is not a sqlite file: use sqlite:///relative.db or "
                               "sqlite:////absolute/path.db (three or four slashes)")
         check_writable_folder(db.parent, "tracking.uri")
+
+
+def check_tracking_server(uri: str) -> None:
+    """A tracking server that does not answer would cost MLflow's retries (minutes) in the first run."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return      # it answers (a proxy or auth in front may refuse /health): MLflow will say more
+    except OSError as exc:
+        raise ConfigError(f"tracking.uri={uri}: no MLflow server answers ({getattr(exc, 'reason', exc)}): start it "
+                          "(README, Team store) or fix MLFLOW_TRACKING_URI / tracking.uri") from None
 
 
 def check_writable_folder(folder: Path, key: str) -> None:

@@ -29,7 +29,10 @@ def git_sha() -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command that browses this store; a sqlite file by its absolute path, so it works from anywhere."""
+    """The command that browses this store; a sqlite file by its absolute path, so it works from anywhere.
+    A tracking server serves its own UI: its address is what to open."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the tracking server's UI)"
     db = sqlite_path(uri)
     return f"mlflow ui --backend-store-uri {'sqlite:///' + str(db) if db else uri}"
 
@@ -67,6 +70,9 @@ class Tracker:
 
         self.uri = uri
         self._entities = mlflow.entities
+        # With a tracking server MLflow prints "View run ... at: URL" on every run it ends; rkbench prints the
+        # run ids and the address once, in its summary.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         db = sqlite_path(uri)
         # MLflow creates and migrates a fresh sqlite schema on first connect; two processes doing that at
         # once fail with "table ... already exists". Later writes wait on SQLite's lock: MLflow sets

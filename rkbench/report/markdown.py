@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Optional, Sequence
 
 from rkbench import tables
-from rkbench.metrics import EVAL_MAP, WHERE
+from rkbench.metrics import EVAL_MAP, WHERE, where
 from rkbench.report.frontier import Frontier, fastest
 from rkbench.report.gate import Row
 from rkbench.report.plots import metric_label
@@ -163,6 +163,34 @@ def _reused(sel: Selection) -> list[str]:
         f"at {r.tags.get('rkbench.measured_at', '?')}" for r in links]
 
 
+def _search(sel: Selection) -> list[str]:
+    """A search's target, its trials ranked by the value optuna minimised, and the best (rkbench/search.py)."""
+    from rkbench import search
+
+    tags = sel.parent.tags if sel.parent else {}
+    if search.TAG not in tags:
+        return []
+    target = float(tags[f"{search.TAG}.min_map50_95"])
+    scored = sorted(((search.objective(r.metrics, target), r) for r in sel.runs), key=lambda pair: pair[0])
+    rows = []
+    for score, r in scored:
+        metric = search.latency_metric(r.metrics)
+        place = where(metric) if metric else None
+        rows.append([r.name, r.status, r.metrics.get(EVAL_MAP), metric.split("/", 1)[1] if metric else "-",
+                     r.metrics.get(metric) if metric else None, place or "-",
+                     "-" if score == search.FAILED else ("yes" if score < search.INFEASIBLE else "no")])
+    found = search.best(sel.runs, target)
+    return ["", "## Search", "",
+            f"{tags[search.TAG]}; optuna ({tags.get(search.TAG + '.sampler', '?')}, "
+            f"{tags.get(search.TAG + '.n_trials', '?')} trials) minimised each trial's value: its latency when it "
+            f"meets the target, else {search.INFEASIBLE:g} x (1 + shortfall) ({search.FAILED:g} for a failed run). Only "
+            "board latency is NPU latency.", "",
+            f"**Best:** {found.line()}" if found else
+            "**No trial met the target**: lower search.min_map50_95, widen the axes or add trials.", "",
+            table(["trial run", "status", "map50_95", "latency", "ms", "measured on", "meets target"], rows,
+                  [False, False, True, False, True, False, False])]
+
+
 def _collapsed(sel: Selection) -> list[str]:
     collapsed = _distinct(sel.runs, "rkbench.collapsed")
     if not collapsed:
@@ -306,7 +334,7 @@ def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated:
            gate: Optional[list[Row]] = None, baseline: str = "", studies: Sequence[str] = ()) -> str:
     """The whole report; `pivots` and `fronts` pair each with its plot file name (relative), or None;
     `gate` the baseline comparison rows, if one was asked for; `studies` the studies' own sections' lines."""
-    lines = (_header(sel, generated) + _gate(gate, baseline) + _where(sel) + _runs_table(sel, limits) + _reused(sel)
-             + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + list(studies)
+    lines = (_header(sel, generated) + _gate(gate, baseline) + _search(sel) + _where(sel) + _runs_table(sel, limits)
+             + _reused(sel) + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + list(studies)
              + _per_class(sel) + _cpp(sel) + _latency(sel, limits) + _counts(sel))
     return "\n".join(lines) + "\n"
