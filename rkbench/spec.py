@@ -33,7 +33,7 @@ from rkbench.models.detect import InferenceSpec
 MEASUREMENT_VERSION = 3
 
 # Keys that say where results go or how long to wait, not what is measured.
-NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port", "board.timeout_s")
+NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "farm", "board.adb_host", "board.adb_port", "board.timeout_s")
 # Tool versions that shape the numbers of any run.
 VERSIONED = ("onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy", "pycocotools", "opencv-python")
 

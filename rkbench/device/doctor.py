@@ -312,7 +312,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
-    args = parser.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), parser))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    farm = [a.split("=", 1)[1] for a in argv if a.startswith("farm=")]
+    if farm:   # every board of an inventory at once (rkbench/farm.py)
+        from rkbench.errors import ConfigError
+        from rkbench.farm import doctor as farm_doctor
+        try:
+            return farm_doctor(farm[0])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(hydra_style(argv, parser))
     try:
         transport = AdbTransport(args.serial, args.address, args.adb_host, args.adb_port)
         facts = probe(transport, args.host_toolkit or host_toolkit_version(), remote_root=args.remote_root)
