@@ -141,7 +141,7 @@ class RunConfig:
     cache_dir: str = ".rkbench_cache"
     resume: bool = True                     # skip configurations already FINISHED in MLflow
     study: str = "default"
-    farm: Optional[str] = None              # board inventory (conf/farm/<name>.yaml or a .yaml path): hydra/launcher=ray
+    farm: Optional[dict[str, Any]] = None   # board inventory, farm=<name>: conf/farm/<name>.yaml (hydra/launcher=ray)
 
 
 def register() -> None:

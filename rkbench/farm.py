@@ -1,6 +1,6 @@
 """A board farm and distributed sweeps on Ray (`hydra/launcher=ray`, optionally `farm=<inventory>`).
 
-    inventory   conf/farm/<name>.yaml (or a path): boards, each with a name, SoC, network adb address
+    inventory   conf/farm/<name>.yaml, a Hydra group (farm=<name>): boards, each with a name, SoC, network adb address
     resources   every board is one unit of the Ray custom resource `board:<soc>`; a configuration with
                 target=board asks for one unit of its platform's resource, anything else for CPUs
     scheduling  the driver hands each board job one free board of its SoC (one run per board at a time),
@@ -72,32 +72,38 @@ class Farm:
         return {k: float(v) for k, v in Counter(b.resource for b in self.boards).items()}
 
 
-def load_farm(ref: str, conf_dir: Path = CONF_DIR) -> Farm:
-    """`lab` -> conf/farm/lab.yaml; a path ending in .yaml is read as is."""
-    from rkbench.config import toolkit_platforms
-
-    path = Path(ref).expanduser() if ref.endswith((".yaml", ".yml")) else conf_dir / "farm" / f"{ref}.yaml"
+def load_farm(name: str, conf_dir: Path = CONF_DIR) -> Farm:
+    """`lab` -> conf/farm/lab.yaml (what `farm=lab` composes into a sweep's config); a .yaml path as is."""
+    path = Path(name).expanduser() if name.endswith((".yaml", ".yml")) else conf_dir / "farm" / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (conf_dir / "farm").glob("*.yaml"))) or "none"
-        raise ConfigError(f"farm={ref}: no inventory {path} (have: {known}): write conf/farm/{ref}.yaml or pass a .yaml path")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"farm={name}: no inventory {path} (have: {known}): write conf/farm/{name}.yaml")
+    return farm_from(yaml.safe_load(path.read_text()) or {}, name)
+
+
+def farm_from(data: dict, name: str) -> Farm:
+    """An inventory: `boards:` (name, soc, address; transport, adb_host, adb_port), and defaults for them."""
+    from rkbench.config import toolkit_platforms
+
     defaults = {k: v for k, v in data.items() if k in ("transport", "adb_host", "adb_port")}
     boards = []
     for i, entry in enumerate(data.get("boards") or []):
         try:
             board = Board(**{**defaults, **entry})
         except TypeError as exc:
-            raise ConfigError(f"{path}: board {i + 1}: {exc}: give name, soc, address (and transport, adb_host, adb_port)") from None
+            raise ConfigError(f"farm={name}: board {i + 1}: {exc}: give name, soc, address (and transport, adb_host, "
+                              "adb_port)") from None
         if board.soc not in toolkit_platforms():
-            raise ConfigError(f"{path}: board {board.name}: soc={board.soc} is not an rknn-toolkit2 platform: use one of "
-                              f"{', '.join(toolkit_platforms())}")
+            raise ConfigError(f"farm={name}: board {board.name}: soc={board.soc} is not an rknn-toolkit2 platform: use "
+                              f"one of {', '.join(toolkit_platforms())}")
         if board.transport not in TRANSPORTS:
-            raise ConfigError(f"{path}: board {board.name}: transport={board.transport} is not one of {', '.join(TRANSPORTS)}")
+            raise ConfigError(f"farm={name}: board {board.name}: transport={board.transport} is not one of "
+                              f"{', '.join(TRANSPORTS)}")
         boards.append(board)
     names = [b.name for b in boards]
     if not boards or len(set(names)) != len(names):
-        raise ConfigError(f"{path}: needs a `boards:` list with unique names (got {names})")
-    return Farm(path.stem, boards)
+        raise ConfigError(f"farm={name}: needs a `boards:` list with unique names (got {names})")
+    return Farm(name, boards)
 
 
 # ------------------------------------------------------------------------------------------ doctor
@@ -234,12 +240,13 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     import ray
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     setup_globals()
     config, ctx = launcher.config, launcher.hydra_context
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    farm = load_farm(str(config.farm)) if config.get("farm") else None
+    farm = (farm_from(OmegaConf.to_container(config.farm, resolve=True), config.hydra.runtime.choices.get("farm"))
+            if config.get("farm") else None)
     opts = launcher.opts
     jobs = [Job(initial_job_idx + i, list(o), None) for i, o in enumerate(job_overrides)]
 
