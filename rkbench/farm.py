@@ -78,7 +78,7 @@ def load_farm(name: str, conf_dir: Path = CONF_DIR) -> Farm:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in (conf_dir / "farm").glob("*.yaml"))) or "none"
         raise ConfigError(f"farm={name}: no inventory {path} (have: {known}): write conf/farm/{name}.yaml")
-    return farm_from(yaml.safe_load(path.read_text()) or {}, name)
+    return farm_from(yaml.safe_load(path.read_text()) or {}, path.stem)
 
 
 def farm_from(data: dict, name: str) -> Farm:
