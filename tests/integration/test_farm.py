@@ -136,3 +136,24 @@ def test_sweep_on_a_farm_of_emulated_boards_survives_a_board_that_drops(boards, 
     capsys.readouterr()
     assert main(argv) == 0
     assert f"all {len(CASES)} configuration(s) were measured before" in capsys.readouterr().out
+
+
+def test_inventory_is_checked_and_becomes_ray_resources():
+    from rkbench.errors import ConfigError
+    from rkbench.farm import BoardPool, farm_from, load_farm
+
+    lab = load_farm("lab")
+    assert lab.resources() == {"board:rk3588": 2.0, "board:rk3566": 1.0}
+    assert lab.boards[0].overrides() == ["board.address=192.168.1.50:5555", "board.adb_host=127.0.0.1", "board.adb_port=5037"]
+    with pytest.raises(ConfigError, match="soc=rk9999 is not an rknn-toolkit2 platform"):
+        farm_from({"boards": [{"name": "x", "soc": "rk9999", "address": "h:1"}]}, "t")
+    with pytest.raises(ConfigError, match="unique names"):
+        farm_from({"boards": [{"name": "x", "soc": "rk3588", "address": "h:1"}] * 2}, "t")
+    with pytest.raises(ConfigError, match="farm=nope: no inventory"):
+        load_farm("nope")
+    pool = BoardPool(lab)          # one run per board; least used first; a drained board is never handed out
+    a, b = pool.take("rk3588"), pool.take("rk3588")
+    assert {a.name, b.name} == {"rk3588-a", "rk3588-b"} and pool.take("rk3588") is None
+    pool.give_back(a)
+    pool.drain(a, "gone")
+    assert pool.take("rk3588") is None and [x.name for x in pool.live("rk3588")] == [b.name]
