@@ -22,7 +22,7 @@ import socket
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -154,7 +154,6 @@ class Job:
     idx: int
     overrides: list[str]
     soc: Optional[str]                       # a board job: the SoC it needs; None: CPUs only
-    tried: list[str] = field(default_factory=list)   # boards drained under this job
 
 
 def _run_job(hydra_context: Any, sweep_config: Any, task_function: Any, singleton_state: Any, cwd: str) -> tuple:
@@ -321,7 +320,6 @@ def _board_dropped(job: Job, board: Board, job_dir: str, pool: BoardPool, config
         return False
     why = f"stopped answering during job #{job.idx}" + (f" ({outcome.error})" if outcome else "")
     pool.drain(board, why)
-    job.tried.append(board.name)
     again = bool(pool.live(board.soc))
     if outcome is not None and outcome.run_id and config.tracking.enabled:
         from rkbench.tracking import tracker_for
