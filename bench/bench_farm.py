@@ -1,7 +1,7 @@
 """hydra/launcher=ray: conversions with 2 workers vs 1, side by side in one run; then a model of the wall
 time of N boards x M configurations, built from job times measured on a farm of emulated boards.
 
-    python bench/bench_farm.py [--sweep "resolution=256,320 algo=normal,kl_divergence"] [--skip-farm]
+    python bench/bench_farm.py [--sweep "resolution=256,320 algo=normal,kl_divergence,mmse"] [--skip-farm]
 
 1. host: the same conversion-heavy sweep, cold (own empty cache and store), on a local Ray cluster with
    1 CPU slot and then with 2 (`hydra.launcher.num_cpus`); both include Ray's start and the workers'
@@ -9,9 +9,10 @@ time of N boards x M configurations, built from job times measured on a farm of 
 2. farm: one sweep of 6 configurations (C++ runner, conversion on the host, latency + eval on the board)
    on 3 emulated boards (two rk3588, one rk3566) behind a private adb server. From it: each job's time
    (its MLflow run, start to end) and the fixed cost (Ray start, imports: wall minus the jobs' span).
-   The model schedules M jobs (durations cycled from the measured ones, longest first) on min(N, CPUs)
-   slots, each job needing a free board of its SoC, plus the fixed cost; it is checked against the measured
-   wall at N=3, M=6. Emulated boards run ONNX Runtime / a replay stand-in, not an NPU: the board part of a
+   The model schedules M jobs (longest first) on the CPU slots, each job holding a slot and a free board of
+   its SoC for its whole time (as the launcher does), plus the fixed cost; with the measured job times it is
+   checked against the measured wall at N=3, M=6, then run for N rk3588 boards x M configurations that
+   each convert their own model (board part and conversion time as measured). Emulated boards run ONNX Runtime / a replay stand-in, not an NPU: the board part of a
    real job is longer, the host part (conversion) is the same."""
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def sweep(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def job_times(db: Path) -> tuple[float, list[dict]]:
+    """The span of a sweep's config runs (first start to last end) and, per run, its SoC, seconds and
+    conversion seconds (convert/build_s, measured on this host when it was built), from its MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("rkbench").experiment_id], "tags.`rkbench.kind` = 'config'")
+    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
+    return span, [{"soc": r.data.params["platform"], "seconds": (r.info.end_time - r.info.start_time) / 1000,
+                   "convert_s": r.data.metrics.get("convert/build_s", 0.0),
+                   "converted": "convert" in r.data.tags.get("rkbench.cache.misses", "").split(",")} for r in runs]
+
+
 def host_speedup(spec: str, work: Path) -> None:
     demo = work / "demo"
     subprocess.run([sys.executable, "-c", "from rkbench.data.demo import demo_dataset; from pathlib import Path; "
@@ -49,8 +63,14 @@ def host_speedup(spec: str, work: Path) -> None:
         walls[cpus] = sweep([*spec.split(), f"hydra.launcher.num_cpus={cpus}", f"cache_dir={run / 'cache'}",
                              f"tracking.uri=sqlite:///{run / 'mlflow.db'}", f"dataset.root={demo}", "dataset.limit=4",
                              "eval.float_reference=false", f"hydra.sweep.dir={run / 'multirun'}"], ROOT)
-    print(f"host, cold sweep `{spec}` (simulator target, 4 images), measured on this machine ({os.cpu_count()} CPUs):")
-    print(f"  1 Ray worker  {walls[1]:7.1f} s\n  2 Ray workers {walls[2]:7.1f} s\n  speed-up      {walls[1] / walls[2]:7.2f}x")
+    print(f"host, cold sweep `{spec}` (simulator target, 4 images), measured on this machine ({os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end):")
+    for cpus in (1, 2):
+        span, jobs = job_times(work / f"cpus{cpus}" / "mlflow.db")
+        busy = sum(j["seconds"] for j in jobs)
+        print(f"  {cpus} Ray worker(s): wall {walls[cpus]:6.1f} s; jobs' span {span:6.1f} s, sum of job times {busy:6.1f} s "
+              f"(concurrency {busy / span:.2f}), conversions {sum(j['convert_s'] for j in jobs):.1f} s")
+    print(f"  speed-up (wall, 1 worker / 2 workers) {walls[1] / walls[2]:.2f}x")
 
 
 def free_port() -> int:
@@ -59,12 +79,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def farm_jobs(work: Path) -> tuple[float, float, list[tuple[str, float]]]:
-    """A 6-configuration farm sweep on 3 emulated boards: its wall time, the span of its jobs (first start to
-    last end, from MLflow) and each job's (SoC, seconds)."""
+def farm_jobs(work: Path) -> tuple[float, float, list[dict]]:
+    """A 6-configuration farm sweep on 3 emulated boards: its wall time and job_times()."""
     import adbutils
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from rkbench.device.emulator import EmulatedBoard
 
@@ -96,11 +114,8 @@ def farm_jobs(work: Path) -> tuple[float, float, list[tuple[str, float]]]:
         for b in started:
             b.stop()
         subprocess.run(adb + ["kill-server"], env=env, capture_output=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("rkbench").experiment_id],
-                              "tags.`rkbench.kind` = 'config'")
-    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
-    return wall, span, [(r.data.params["platform"], (r.info.end_time - r.info.start_time) / 1000) for r in runs]
+    span, jobs = job_times(work / "mlflow.db")
+    return wall, span, jobs
 
 
 def model(fixed: float, jobs: list[tuple[str, float]], boards: dict[str, int], configs: int, cpus: int) -> float:
@@ -125,21 +140,32 @@ def farm_model(work: Path) -> None:
     fixed = wall - span
     print("\nfarm, measured on 3 emulated boards (2x rk3588, 1x rk3566), 6 configurations, 3 Ray CPU slots:")
     print(f"  wall {wall:.1f} s = fixed cost (process start, Ray start, worker imports) {fixed:.1f} s + jobs' span {span:.1f} s")
-    print("  job times (host conversion + emulated board): " + ", ".join(f"{soc} {s:.1f} s" for soc, s in sorted(jobs)))
-    print(f"  the model at N=3, M=6: {model(fixed, jobs, {'rk3588': 2, 'rk3566': 1}, 6, 3):.1f} s (measured {wall:.1f} s)")
-    rk3588 = [j for j in jobs if j[0] == "rk3588"]
+    print("  job times (host export/conversion + emulated board; * = built the conversion): "
+          + ", ".join(f"{j['soc']} {j['seconds']:.1f} s{'*' if j['converted'] else ''}" for j in jobs))
+    measured = [(j["soc"], j["seconds"]) for j in jobs]
+    print(f"  the model with these times at N=3, M=6: {model(fixed, measured, {'rk3588': 2, 'rk3566': 1}, 6, 3):.1f} s "
+          f"(measured {wall:.1f} s)")
+    # every configuration of a real sweep converts its own model: a job = the board part of a job that found
+    # its .rknn in the cache + a conversion as measured here
+    board = min(j["seconds"] for j in jobs if not j["converted"])
+    convert = max(j["convert_s"] for j in jobs)
+    job = [("rk3588", board + convert)]
     sizes = (6, 24, 96, 384)
-    print("\nmodel (simulated from the rk3588 job times above; N rk3588 boards, M configurations), wall in minutes:")
+    print(f"\nmodel (simulated): N rk3588 boards, M configurations, each job {board:.1f} s on the board (measured, "
+          f"emulated) + {convert:.1f} s conversion (measured, 64 px) holding a CPU slot and its board; wall in minutes:")
     print("  " + "N boards x CPU slots".ljust(26) + "".join(f"M={m:<9d}" for m in sizes))
     for n in (1, 2, 4, 8, 16):
-        for cpus, label in ((os.cpu_count() or 2, "this host"), (n, "1 per board")):
-            row = [model(fixed, rk3588, {"rk3588": n}, m, cpus) / 60 for m in sizes]
-            print(f"  {n:>2} x {cpus:<3} ({label})".ljust(28) + "".join(f"{w:<11.1f}" for w in row))
+        slots = {n: "1 per board", os.cpu_count() or 2: "this host"}
+        if n == (os.cpu_count() or 2):
+            slots[n] = "1 per board = this host"
+        for cpus, label in sorted(slots.items()):
+            row = [model(fixed, job, {"rk3588": n}, m, cpus) / 60 for m in sizes]
+            print(f"  {n:>2} x {cpus:<3} ({label})".ljust(28) + "".join(f"{w:<11.2f}" for w in row))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sweep", default="resolution=256,320 algo=normal,kl_divergence")
+    ap.add_argument("--sweep", default="resolution=256,320 algo=normal,kl_divergence,mmse")
     ap.add_argument("--skip-farm", action="store_true")
     ap.add_argument("--skip-host", action="store_true")
     args = ap.parse_args()

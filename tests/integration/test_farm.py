@@ -132,6 +132,15 @@ def test_sweep_on_a_farm_of_emulated_boards_survives_a_board_that_drops(boards, 
     for soc in ("rk3588", "rk3566"):
         assert sum("convert" in r.data.tags.get("rkbench.cache.misses", "").split(",")
                    for r in runs if r.data.params["platform"] == soc) == 1
+    # the report reads the sweep as any other: six rows, the dropped attempt not among them
+    out = tmp_path / "reports"
+    assert main(["report", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment", EXPERIMENT,
+                 "--out", str(out), "--no-plots"]) == 0
+    [md] = out.glob("*.md")
+    text = md.read_text()
+    rows = [line for line in text.splitlines() if "experiment=" in line and "| FINISHED |" in line]
+    assert len(rows) == len(CASES) and all(any(f"experiment={soc}_{mask} " in r for r in rows) for soc, mask in CASES)
+    assert attempt.info.run_id not in text
     # the same command again resumes: every configuration was measured, whichever board is free now
     capsys.readouterr()
     assert main(argv) == 0
