@@ -92,6 +92,10 @@ def preflight(argv: list[str]) -> tuple[list[RunConfig], str, list[str]]:
     except HydraException as exc:
         raise RkbenchError(checks.hydra_message(exc)) from None
     checks.check_runs(configs)
+    on_ray = _is_multirun(argv) and "hydra/launcher=ray" in argv
+    if not on_ray and any(r.farm and r.target == "board" and not (r.board.address or r.board.serial) for r in configs):
+        raise RkbenchError("farm=... hands out its boards only to a sweep on Ray: add `-m hydra/launcher=ray`, or "
+                           "name one board with board.address=IP:5555")
     return configs, out_dir, swept
 
 

@@ -147,6 +147,12 @@ def test_sweep_on_a_farm_of_emulated_boards_survives_a_board_that_drops(boards, 
     assert f"all {len(CASES)} configuration(s) were measured before" in capsys.readouterr().out
 
 
+def test_a_farm_without_the_ray_launcher_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["farm=lab", "target=board", f"cache_dir={tmp_path / 'cache'}"]) == 2
+    assert "add `-m hydra/launcher=ray`" in capsys.readouterr().err
+
+
 def test_inventory_is_checked_and_becomes_ray_resources():
     from rkbench.errors import ConfigError
     from rkbench.farm import BoardPool, farm_from, load_farm
