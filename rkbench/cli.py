@@ -293,6 +293,7 @@ def usage() -> str:
         *lines,
         "",
         f"Groups: model={choices('model')}  dataset={choices('dataset')}  studies: +experiment={choices('experiment')}",
+        f"Sweeps on Ray: -m hydra/launcher=ray; board farms: farm={choices('farm')} (python -m rkbench doctor farm=<name>)",
         "MLflow: tracking.uri=..., else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; tracking.experiment=rkbench",
         "",
         "Examples:",

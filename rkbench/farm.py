@@ -15,6 +15,7 @@ Hydra finds the launcher class in hydra_plugins/rkbench_farm (conf/hydra/launche
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -223,15 +224,26 @@ def _start_ray(opts: Any, farm: Optional[Farm]) -> bool:
 
 
 def _needs(cfg: Any, farm: Optional[Farm]) -> Optional[str]:
+    """The SoC a job needs: the effective platform, as in its identity (where the platform has no effect, e.g.
+    board.runtime=onnxruntime, it is collapsed to the default like any axis, and so is the board it needs)."""
+    from omegaconf import open_dict
+
+    from rkbench import spec
+    from rkbench.config import to_run_config
+
     if cfg.target != "board":
         return None
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        del job["hydra"]          # the task function gets the config without Hydra's node, so does the schema
+    platform = spec.plan(to_run_config(job)).config.platform
     if farm is None:
         raise ConfigError("target=board under hydra/launcher=ray needs farm=<inventory> (conf/farm/<name>.yaml): "
                           "one run per board at a time is the farm's job")
-    if not any(b.soc == cfg.platform for b in farm.boards):
-        raise ConfigError(f"platform={cfg.platform}: farm {farm.name} has no {cfg.platform} board "
+    if not any(b.soc == platform for b in farm.boards):
+        raise ConfigError(f"platform={platform}: farm {farm.name} has no {platform} board "
                           f"(has {', '.join(sorted({b.soc for b in farm.boards}))}): add one or drop that platform")
-    return str(cfg.platform)
+    return platform
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
