@@ -10,7 +10,9 @@ shapes (three scales of 64 box + <classes> score + 1 sum channels), in their lat
   real image), the engine call and post-processing (decode + NMS) apart;
 - the C++ runner (cpp/rkbench_runner.cpp, built with zig) against the stand-in librknnrt in NULL mode: no
   hashing, no files, zeros of the same shapes (rkbench.cpp.write_null_replay); its loop times
-  rknn_inputs_set, rknn_run and rknn_outputs_get + release apart on a tensor prepared by the host.
+  rknn_inputs_set, rknn_run and rknn_outputs_get + release apart on a tensor prepared by the host; and
+  once more with zero-copy io memory (measure zero_copy: the input copied into rknn_create_mem memory, the
+  outputs read out of it), so the two paths' overheads compare.
 
 The per-iteration time of each loop with a null engine is what the harness itself adds to an inference:
 printed in µs and as a share of a 5 ms inference (the issue's goal: the C++ runner adds < 1%). The NULL
@@ -43,10 +45,10 @@ def output_shapes(size: int, classes: int) -> list[list[int]]:
     return [[1, c, size // s, size // s] for s in STRIDES for c in (64, classes, 1)]
 
 
-def write_spec(path: Path, size: int, classes: int, iterations: int, min_seconds: float) -> Path:
+def write_spec(path: Path, size: int, classes: int, iterations: int, min_seconds: float, **settings) -> Path:
     spec = InferenceSpec(input_size=size, head="rknn", num_classes=classes, category_ids=tuple(range(1, classes + 1)),
                          runtime="null")
-    measure = {"warmup": 20, "iterations": iterations, "min_seconds": min_seconds}
+    measure = {"warmup": 20, "iterations": iterations, "min_seconds": min_seconds, **settings}
     path.write_text(json.dumps({"inference": spec.to_dict(), "measure": measure}))
     return path
 
@@ -75,7 +77,7 @@ def cpp_runner(work: Path, spec: Path, image: Path, size: int, shapes: list[list
     runner, standin = cpp.build(arch, cache), cpp.build_standin(arch, cache)
     inputs, _ = cpp.prepare_inputs(work / "cpp", [(0, str(image))], size)
     model = cpp.write_null_replay(work / "null", size, shapes)
-    out = work / "cpp.json"
+    out = work / f"{spec.stem}.cpp.json"
     return run([str(runner), "--spec", str(spec), "--mode", "latency", "--model", str(model), "--out", str(out),
                 "--where", "host", "--inputs", str(inputs), "--lib", str(standin)], out)
 
@@ -98,13 +100,18 @@ def main() -> int:
         spec = write_spec(work / "spec.json", args.size, args.classes, args.iterations, args.min_seconds)
         py = python_runner(work, spec, image, shapes)
         cc = cpp_runner(work, spec, image, args.size, shapes, args.cache)
+        zero_copy = write_spec(work / "zero_copy.json", args.size, args.classes, args.iterations, args.min_seconds,
+                               zero_copy=True)
+        zc = cpp_runner(work, zero_copy, image, args.size, shapes, args.cache)
 
     print(f"Runner overhead against a null engine, {args.size} px input, {args.classes} classes, "
           f"{platform.machine()} ({platform.processor() or platform.platform()}), p50 per iteration:")
     rows = [("python", "pre (Detector.prepare)", py["pre"]), ("python", "infer (engine call, null)", py["infer"]),
             ("python", "post (decode + NMS)", py["post"]), ("python", "total", py["total"]),
             ("cpp", "rknn_inputs_set", cc["inputs_set"]), ("cpp", "rknn_run (null)", cc["run"]),
-            ("cpp", "rknn_outputs_get + release", cc["outputs_get"]), ("cpp", "total", cc["total"])]
+            ("cpp", "rknn_outputs_get + release", cc["outputs_get"]), ("cpp", "total", cc["total"]),
+            ("cpp zc", "input_copy (into io memory)", zc["input_copy"]), ("cpp zc", "rknn_run (null)", zc["run"]),
+            ("cpp zc", "output_read (out of io memory)", zc["output_read"]), ("cpp zc", "total", zc["total"])]
     print(f"  {'runner':7s} {'part':30s} {'µs':>10s}  {'of a 5 ms inference':>20s}  iterations")
     for runner, part, stats in rows:
         us = stats["p50"] * 1e3
@@ -116,6 +123,12 @@ def main() -> int:
     print(f"Around the engine call: the C++ runner adds {cc_us:.2f} µs = {share(cc_us):.3%} of a {INFERENCE_MS:g} ms "
           f"inference (goal < 1%: {'met' if share(cc_us) < 0.01 else 'NOT met'}); the Python runner adds {py_us:.1f} µs "
           f"= {share(py_us):.2%} (its whole loop with letterbox and decode + NMS: {py_all:.0f} µs = {share(py_all):.0%})")
+    zc_us = (zc["input_copy"]["p50"] + zc["output_read"]["p50"]) * 1e3
+    print(f"Zero-copy io memory vs the normal path (float outputs), the runner's own work around rknn_run: "
+          f"{zc_us:.2f} µs (input_copy + output_read: memcpy into and out of the io memory) vs {cc_us:.2f} µs "
+          f"(three API calls) = {share(zc_us):.3%} vs {share(cc_us):.3%} of a {INFERENCE_MS:g} ms inference. On the "
+          "normal path the copies happen inside librknnrt (the NULL stand-in skips them, so they are not in this "
+          "number); on a board the io memory is the NPU's own DMA buffer")
     return 0
 
 

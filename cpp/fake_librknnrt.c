@@ -10,13 +10,18 @@
  *
  * Replay folder: model.replay (the "model" passed to rknn_init by path, size 0) describes the tensors:
  *   rkbench-replay 1
- *   input <name> <n_dims> <dims...> <uint8|float32> <nhwc|nchw>
+ *   input <name> <n_dims> <dims...> <int8|uint8|float32> <nhwc|nchw> <zero point> <scale>  (as an int8 .rknn reports it)
  *   output <name> <n_dims> <dims...> <float32|int8> <nchw|nhwc> <zero point> <scale>     (one per output)
  *   record <hash as 16 hex digits> <path>        (optional, any number: where that input's outputs lie,
  *                                                 relative to this file; rkbench's board deploy writes them)
  *   null                                         (optional: NULL MODE, see below)
  * and, without record lines, <hash as 16 hex digits>.out next to it holds the outputs of that input,
  * float32, concatenated in order.
+ *
+ * Pass-through (rknn_input.pass_through = 1): the bytes must be the input attr's size and are hashed as given,
+ * so they replay only where the host recorded the pass-through tensor too (rkbench.cpp.write_replay).
+ * RKNN_QUERY_MEM_SIZE reports what this stand-in itself allocated: no weights, the output buffer as internal
+ * memory, io memory from rknn_create_mem on top in the dma total, no SRAM (its version string says whose).
  *
  * Null mode (a `null` line): no hashing, no files; every run serves zeros. Only for measuring a runner's own
  * overhead (bench/bench_runner.py): its numbers are never NPU latency and never reported as such. */
@@ -47,6 +52,7 @@ typedef struct {
     float *values;            /* all outputs, float32, in order */
     rknn_tensor_mem *in_mem, *out_mem[MAX_TENSORS];
     rknn_tensor_type out_mem_type[MAX_TENSORS];  /* what rknn_set_io_mem asked for: float32, or the output's int8 */
+    uint64_t io_mem_bytes;    /* rknn_create_mem so far, for RKNN_QUERY_MEM_SIZE */
     record *records;          /* from `record` lines; none: <folder>/<hash>.out */
     size_t n_records;
     int null_mode;            /* a `null` line: zeros, no hashing */
@@ -74,7 +80,7 @@ static uint32_t elem_bytes(rknn_tensor_type t) {
     return t == RKNN_TENSOR_FLOAT32 ? 4 : t == RKNN_TENSOR_FLOAT16 ? 2 : 1;
 }
 
-static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index, int is_output) {
+static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index) {
     char type[16], fmt[16];
     memset(a, 0, sizeof(*a));
     a->index = index;
@@ -87,11 +93,17 @@ static int read_attr(FILE *f, rknn_tensor_attr *a, uint32_t index, int is_output
     if (fscanf(f, "%15s %15s", type, fmt) != 2) return -1;
     a->type = !strcmp(type, "float32") ? RKNN_TENSOR_FLOAT32 : !strcmp(type, "int8") ? RKNN_TENSOR_INT8 : RKNN_TENSOR_UINT8;
     a->fmt = !strcmp(fmt, "nhwc") ? RKNN_TENSOR_NHWC : RKNN_TENSOR_NCHW;
-    if (is_output && fscanf(f, "%d %f", &a->zp, &a->scale) != 2) return -1;
+    if (fscanf(f, "%d %f", &a->zp, &a->scale) != 2) return -1;
     a->qnt_type = a->type == RKNN_TENSOR_INT8 ? RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC : RKNN_TENSOR_QNT_NONE;
     a->size = a->n_elems * elem_bytes(a->type);
     a->size_with_stride = a->size;
     return 0;
+}
+
+static size_t total_elems(const standin *s) {
+    size_t n = 0;
+    for (uint32_t i = 0; i < s->n_out; i++) n += s->out[i].n_elems;
+    return n;
 }
 
 int rknn_init(rknn_context *ctx, void *model, uint32_t size, uint32_t flag, rknn_init_extend *ext) {
@@ -110,8 +122,8 @@ int rknn_init(rknn_context *ctx, void *model, uint32_t size, uint32_t flag, rknn
     char word[64], kind[16];
     int version = 0, ok = fscanf(f, "%63s %d", word, &version) == 2 && !strcmp(word, "rkbench-replay") && version == 1;
     while (ok && fscanf(f, "%15s", kind) == 1) {
-        if (!strcmp(kind, "input") && s->n_in < MAX_TENSORS) ok = read_attr(f, &s->in[s->n_in], s->n_in, 0) == 0, s->n_in++;
-        else if (!strcmp(kind, "output") && s->n_out < MAX_TENSORS) ok = read_attr(f, &s->out[s->n_out], s->n_out, 1) == 0, s->n_out++;
+        if (!strcmp(kind, "input") && s->n_in < MAX_TENSORS) ok = read_attr(f, &s->in[s->n_in], s->n_in) == 0, s->n_in++;
+        else if (!strcmp(kind, "output") && s->n_out < MAX_TENSORS) ok = read_attr(f, &s->out[s->n_out], s->n_out) == 0, s->n_out++;
         else if (!strcmp(kind, "record")) ok = read_record(f, s) == 0;
         else if (!strcmp(kind, "null")) s->null_mode = 1;
         else ok = 0;
@@ -127,6 +139,12 @@ int rknn_init(rknn_context *ctx, void *model, uint32_t size, uint32_t flag, rknn
     size_t n = slash ? (size_t)(slash - path) : 1;
     if (n >= sizeof(s->folder)) n = sizeof(s->folder) - 1;
     memcpy(s->folder, slash ? path : ".", n);
+    s->values = (float *)calloc(total_elems(s), sizeof(float));  /* the outputs' home for the context's life */
+    if (!s->values) {
+        free(s->records);
+        free(s);
+        return RKNN_ERR_MALLOC_FAIL;
+    }
     *ctx = (rknn_context)(uintptr_t)s;
     return RKNN_SUCC;
 }
@@ -158,6 +176,13 @@ int rknn_query(rknn_context ctx, rknn_query_cmd cmd, void *info, uint32_t size) 
         *a = cmd == RKNN_QUERY_INPUT_ATTR ? s->in[a->index] : s->out[a->index];
         return RKNN_SUCC;
     }
+    if (cmd == RKNN_QUERY_MEM_SIZE && size >= sizeof(rknn_mem_size)) {
+        rknn_mem_size *m = (rknn_mem_size *)info;
+        memset(m, 0, sizeof(*m));
+        m->total_internal_size = (uint32_t)(total_elems(s) * sizeof(float));
+        m->total_dma_allocated_size = m->total_internal_size + s->io_mem_bytes;
+        return RKNN_SUCC;
+    }
     if (cmd == RKNN_QUERY_SDK_VERSION && size >= sizeof(rknn_sdk_version)) {
         rknn_sdk_version *v = (rknn_sdk_version *)info;
         snprintf(v->api_version, sizeof(v->api_version), "%s", s->null_mode ? NULL_VERSION : STANDIN_VERSION);
@@ -167,16 +192,43 @@ int rknn_query(rknn_context ctx, rknn_query_cmd cmd, void *info, uint32_t size) 
     return RKNN_ERR_PARAM_INVALID;
 }
 
+/* NPU cores of the emulated SoC, from the emulated board's device tree ($RKBENCH_BOARD_ROOT; 3 without one). */
+static unsigned emulated_npu_cores(void) {
+    const char *root = getenv("RKBENCH_BOARD_ROOT");
+    char path[1100], text[512] = {0};
+    if (!root) return 3;
+    snprintf(path, sizeof path, "%s/proc/device-tree/compatible", root);
+    FILE *f = fopen(path, "rb");
+    if (!f) return 3;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++) text[i] = text[i] ? text[i] : ';';
+    if (strstr(text, "rockchip,rk3588;")) return 3;
+    if (strstr(text, "rockchip,rk3576;")) return 2;
+    return 1;
+}
+
 int rknn_set_core_mask(rknn_context ctx, rknn_core_mask mask) {
-    (void)mask;  /* accepted and ignored: there is no NPU */
-    return get(ctx) ? RKNN_SUCC : RKNN_ERR_CTX_INVALID;
+    if (!get(ctx)) return RKNN_ERR_CTX_INVALID;
+    /* like librknnrt: a mask naming a core the SoC lacks is not an error, it falls back to auto with a warning */
+    unsigned m = (unsigned)mask;
+    if (m != 0 && m != 0xffff && (m >> emulated_npu_cores()) != 0)
+        fprintf(stderr, "E RKNN: Not support core mask: %u, fallback to single core auto mode\n", m);
+    return RKNN_SUCC;  /* there is no NPU: nothing else to set */
 }
 
 int rknn_inputs_set(rknn_context ctx, uint32_t n_inputs, rknn_input inputs[]) {
     standin *s = get(ctx);
     if (!s || n_inputs != 1 || !inputs || !inputs[0].buf) return RKNN_ERR_PARAM_INVALID;
-    if (inputs[0].size != s->in[0].size) {
-        fprintf(stderr, "replay stand-in: input of %u bytes, the model takes %u\n", inputs[0].size, s->in[0].size);
+    /* converted by the library: uint8 NHWC, one byte per element; pass-through: the attr's own bytes */
+    uint32_t want = inputs[0].pass_through ? s->in[0].size_with_stride : s->in[0].n_elems;
+    if (!inputs[0].pass_through && (inputs[0].type != RKNN_TENSOR_UINT8 || inputs[0].fmt != RKNN_TENSOR_NHWC)) {
+        fprintf(stderr, "replay stand-in: converts uint8 NHWC inputs only (got type %d fmt %d)\n", inputs[0].type, inputs[0].fmt);
+        return RKNN_ERR_INPUT_INVALID;
+    }
+    if (inputs[0].size != want) {
+        fprintf(stderr, "replay stand-in: input of %u bytes, the model takes %u%s\n", inputs[0].size, want,
+                inputs[0].pass_through ? " (pass-through: the input attr's size_with_stride)" : "");
         return RKNN_ERR_INPUT_INVALID;
     }
     if (!s->null_mode) s->hash = fnv1a64((const uint8_t *)inputs[0].buf, inputs[0].size, 14695981039346656037ULL);
@@ -192,26 +244,16 @@ static void quantise(int8_t *q, const float *src, const rknn_tensor_attr *a) {
     }
 }
 
-static size_t total_elems(const standin *s) {
-    size_t n = 0;
-    for (uint32_t i = 0; i < s->n_out; i++) n += s->out[i].n_elems;
-    return n;
-}
-
 int rknn_run(rknn_context ctx, rknn_run_extend *ext) {
     (void)ext;
     standin *s = get(ctx);
     if (!s) return RKNN_ERR_CTX_INVALID;
-    if (s->in_mem && !s->null_mode) {  /* zero-copy input: hash what is in the buffer now */
-        s->hash = fnv1a64((const uint8_t *)s->in_mem->virt_addr, s->in[0].size, 14695981039346656037ULL);
+    if (s->in_mem) {  /* zero-copy input: hash what is in the buffer now (null mode: nothing to look up) */
+        if (!s->null_mode) s->hash = fnv1a64((const uint8_t *)s->in_mem->virt_addr, s->in[0].size, 14695981039346656037ULL);
         s->have_input = 1;
     }
     if (!s->have_input) return RKNN_ERR_INPUT_INVALID;
-    if (s->null_mode && !s->have_outputs) {
-        s->values = (float *)calloc(total_elems(s), sizeof(float));
-        if (!s->values) return RKNN_ERR_OUTPUT_INVALID;
-        s->have_outputs = 1;
-    }
+    if (s->null_mode) s->have_outputs = 1;  /* the zeros calloc'd at init */
     if (!s->null_mode && (!s->have_outputs || s->loaded != s->hash)) {
         char path[2100];
         const char *where = NULL;
@@ -227,10 +269,8 @@ int rknn_run(rknn_context ctx, rknn_run_extend *ext) {
             return RKNN_ERR_INPUT_INVALID;
         }
         size_t n = total_elems(s);
-        float *v = (float *)realloc(s->values, n * sizeof(float));
-        size_t got = v ? fread(v, sizeof(float), n, f) : 0;
+        size_t got = fread(s->values, sizeof(float), n, f);
         fclose(f);
-        s->values = v;
         if (got != n) {
             s->have_outputs = 0;
             fprintf(stderr, "replay stand-in: %s holds %zu values, the outputs need %zu\n", path, got, n);
@@ -308,6 +348,7 @@ rknn_tensor_mem *rknn_create_mem(rknn_context ctx, uint32_t size) {
     m->virt_addr = calloc(1, size);
     m->size = size;
     m->fd = -1;
+    get(ctx)->io_mem_bytes += size;
     return m;
 }
 

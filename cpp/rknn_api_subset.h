@@ -37,7 +37,8 @@ typedef enum {
     RKNN_QUERY_IN_OUT_NUM = 0,
     RKNN_QUERY_INPUT_ATTR = 1,
     RKNN_QUERY_OUTPUT_ATTR = 2,
-    RKNN_QUERY_SDK_VERSION = 5
+    RKNN_QUERY_SDK_VERSION = 5,
+    RKNN_QUERY_MEM_SIZE = 6
 } rknn_query_cmd;
 
 typedef enum {
@@ -98,6 +99,15 @@ typedef struct {
 } rknn_sdk_version;
 
 typedef struct {
+    uint32_t total_weight_size;
+    uint32_t total_internal_size;    /* excludes inputs and outputs */
+    uint64_t total_dma_allocated_size;
+    uint32_t total_sram_size;        /* system SRAM reserved for the NPU */
+    uint32_t free_sram_size;
+    uint32_t reserved[10];
+} rknn_mem_size;
+
+typedef struct {
     void *virt_addr;
     uint64_t phys_addr;
     int32_t fd;
@@ -111,7 +121,7 @@ typedef struct {
     uint32_t index;
     void *buf;
     uint32_t size;
-    uint8_t pass_through;
+    uint8_t pass_through;            /* 1: buf is already what the NPU takes (type, fmt, zp/scale of the input attr) */
     rknn_tensor_type type;
     rknn_tensor_format fmt;
 } rknn_input;

@@ -94,18 +94,33 @@ class MeasureConfig:
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
     cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
+    cpp_pass_through: bool = False          # runner=cpp: input quantised before the clock, rknn_input.pass_through=1
+
+
+@dataclass
+class AccuracyConfig:
+    analysis: bool = False                  # rknn-toolkit2 accuracy_analysis: per-layer cosine / euclidean vs float
+    images: int = 1                         # dataset images analysed (the first N); distances averaged over them
+    top_k: int = 10                         # worst layers kept in the tag rkbench.accuracy.worst (the report's table)
+
+
+@dataclass
+class HybridConfig:
+    layers: int = 0                         # keep the N worst layers of accuracy_analysis in float16; 0 = plain int8
 
 
 @dataclass
 class BoardConfig:
     serial: Optional[str] = None
     address: Optional[str] = None           # network adb, e.g. 192.168.1.222:5555
-    adb_host: str = "127.0.0.1"
-    adb_port: int = 5037
+    adb_host: Optional[str] = None          # unset: adb's environment (ADB_SERVER_SOCKET, ANDROID_ADB_SERVER_*) or 127.0.0.1
+    adb_port: Optional[int] = None          # unset: adb's environment or 5037
     remote_root: str = "/data/local/tmp/rkbench"
     python: str = "python3"
     runtime: str = "rknnlite"               # rknnlite on a real board; onnxruntime on the emulator
     timeout_s: float = 600.0
+    reconnect_s: float = 120.0              # after the board drops: wait this long in all (backoff) before giving up
+    pin_freq: bool = False                  # performance governor on NPU/DDR/CPU while measuring, restored after
 
 
 @dataclass
@@ -136,6 +151,8 @@ class RunConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
     board: BoardConfig = field(default_factory=BoardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache_dir: str = ".rkbench_cache"
@@ -193,6 +210,8 @@ def axes() -> dict[str, str]:
         "calib.size": "calibration images >= 1",
         "calib.source": "dataset (the eval images) or a folder of images",
         "core_mask": ", ".join(CORE_MASKS),
+        "hybrid.layers": "0 (int8) or N >= 1: the N worst layers of accuracy_analysis kept in float16",
+        "accuracy.analysis": "true, false (rknn-toolkit2 accuracy_analysis per layer on the simulator)",
         "eval.float_reference": "true, false (also score the float ONNX on the host)",
         "target": ", ".join(TARGETS),
         "runner": f"{', '.join(RUNNERS)} (the on-device runner of target=board)",
@@ -249,6 +268,13 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"calib.size={run.calib.size}: need at least one calibration image")
     if run.calib.source != "dataset":
         _must_exist("calib.source", run.calib.source)
+    if run.accuracy.images < 1 or run.accuracy.top_k < 1:
+        raise ConfigError(f"accuracy.images={run.accuracy.images}, accuracy.top_k={run.accuracy.top_k}: both must be >= 1")
+    if run.hybrid.layers < 0:
+        raise ConfigError(f"hybrid.layers={run.hybrid.layers}: use 0 (plain int8) or the number of layers to keep in float16")
+    if run.hybrid.layers and run.quantize and run.quant_dtype != "w8a8":
+        raise UnsupportedCombination(f"hybrid.layers={run.hybrid.layers} keeps layers of an int8 model in float16: "
+                                     f"use quant_dtype=w8a8 (not {run.quant_dtype}) or hybrid.layers=0")
 
     m = run.model
     sources = [s for s in (m.weights, m.yaml, m.onnx) if s]
@@ -284,6 +310,13 @@ def validate(run: RunConfig) -> None:
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)
+    b = run.board
+    if b.timeout_s <= 0 or b.reconnect_s < 0:
+        raise ConfigError(f"board.timeout_s={b.timeout_s:g} must be > 0 and board.reconnect_s={b.reconnect_s:g} >= 0 "
+                          "(seconds; 0 = do not wait for a board that dropped)")
+    if b.adb_port is not None and not 0 < b.adb_port < 65536:
+        raise ConfigError(f"board.adb_port={b.adb_port} is not a TCP port: use 1..65535, or leave it unset for adb's "
+                          "ANDROID_ADB_SERVER_PORT / 5037")
     _choice("measure.cpp_outputs", run.measure.cpp_outputs, CPP_OUTPUTS)
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")

@@ -12,7 +12,8 @@ libdl; librknnrt is opened at run time.
 Replay (for machines without an NPU): prepare_inputs() letterboxes images into raw uint8 NHWC tensors
 and writes the runner's inputs file; write_replay() runs the ONNX model with ONNX Runtime on exactly
 those tensors and stores the outputs keyed by the FNV-1a 64 hash of the input bytes, which the stand-in
-recomputes on rknn_inputs_set."""
+recomputes on rknn_inputs_set (for a batch: the bytes of its images in order; with pass-through: the
+int8 tensor the runner hands over, pass_through_bytes)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _cached_build(arch: str, cache_dir: Path, names: Sequence[str], output: str,
 def build(arch: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The runner binary for `arch` (aarch64 for boards, x86_64 for this machine)."""
     return _cached_build(arch, cache_dir, RUNNER_SOURCES, "rkbench_runner",
-                         ["c++", "-std=c++17", "-O2", "-s", "-Wall", "-Wextra", "-ldl"])
+                         ["c++", "-std=c++17", "-O2", "-s", "-Wall", "-Wextra", "-pthread", "-ldl"])
 
 
 def build_standin(arch: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
@@ -129,40 +130,73 @@ def prepare_inputs(folder: Path, items: Iterable[Tuple[int, str]], input_size: i
     return inputs, tensors
 
 
-def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0), std=(255, 255, 255)) -> Path:
+def input_quantisation(mean: Sequence[float] = (0, 0, 0), std: Sequence[float] = (255, 255, 255)) -> Tuple[int, float]:
+    """(zero point, scale) of an int8 .rknn's input as rknn_query reports it: the normalised range of uint8
+    pixels ((0 - mean) / std .. (255 - mean) / std, over the channels) spread over int8. mean 0, std 255:
+    (-128, 1/255), what Rockchip's YOLO models report."""
+    import numpy as np
+
+    m, sd = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    lo, hi = float(((0 - m) / sd).min()), float(((255 - m) / sd).max())
+    scale = np.float32((hi - lo) / 255)
+    return int(round(-128 - lo / float(scale))), float(scale)
+
+
+def pass_through_bytes(nhwc, mean: Sequence[float] = (0, 0, 0), std: Sequence[float] = (255, 255, 255)) -> bytes:
+    """A batch of uint8 NHWC images as the NPU takes them with rknn_input.pass_through=1: int8 NHWC,
+    q = round(((x - mean) / std) / scale) + zp, in float32 step by step exactly as the C++ runner's
+    Model::prepare computes it from the attr (so the host can record what the board will send)."""
+    import numpy as np
+
+    zp, scale = input_quantisation(mean, std)
+    v = np.asarray(nhwc, dtype=np.uint8).astype(np.float32)
+    v = ((v - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)) / np.float32(scale)
+    return np.clip(np.rint(v) + np.float32(zp), -128, 127).astype(np.int8).tobytes()
+
+
+def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0), std=(255, 255, 255), batch: int = 1,
+                 pass_through: bool = False) -> Path:
     """Run the ONNX model with ONNX Runtime on each uint8 HxWx3 tensor and record its outputs for the
-    stand-in; returns the replay description to pass as the runner's --model."""
+    stand-in, per batch of `batch` consecutive tensors (the last one repeated to fill, as the runner
+    batches them), under the hash of the uint8 batch and, with `pass_through`, of its pass-through bytes;
+    returns the replay description to pass as the runner's --model."""
     import numpy as np
 
     from rkbench.runtimes.backends import OnnxRuntimeRuntime
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if not tensors:
+        raise ValueError("write_replay needs at least one input tensor")
     runtime = OnnxRuntimeRuntime(str(onnx_path), mean, std)
-    shapes = None
-    try:
-        for x in tensors:
-            x = np.ascontiguousarray(x, dtype=np.uint8)
-            outputs = [np.asarray(o, dtype=np.float32) for o in runtime.infer(x[None])]
-            shapes = [o.shape for o in outputs]
-            blob = b"".join(np.ascontiguousarray(o).tobytes() for o in outputs)
-            (folder / f"{fnv1a64(x.tobytes()):016x}.out").write_bytes(blob)
+    try:   # one image at a time: the ONNX need not take batches
+        images = [np.ascontiguousarray(x, dtype=np.uint8) for x in tensors]
+        per_image = [[np.asarray(o, dtype=np.float32) for o in runtime.infer(x[None])] for x in images]
     finally:
         runtime.close()
-    if shapes is None:
-        raise ValueError("write_replay needs at least one input tensor")
-    h, w = tensors[0].shape[:2]
-    return _describe(folder, h, w, shapes)
+    for start in range(0, len(images), batch):
+        picks = [min(start + j, len(images) - 1) for j in range(batch)]
+        outputs = [np.concatenate([per_image[i][k] for i in picks]) for k in range(len(per_image[0]))]
+        blob = b"".join(np.ascontiguousarray(o).tobytes() for o in outputs)
+        raw = np.stack([images[i] for i in picks])
+        keys = [raw.tobytes()] + ([pass_through_bytes(raw, mean, std)] if pass_through else [])
+        for key in keys:
+            (folder / f"{fnv1a64(key):016x}.out").write_bytes(blob)
+    h, w = images[0].shape[:2]
+    shapes = [(batch, *o.shape[1:]) for o in per_image[0]]
+    return _describe(folder, h, w, shapes, batch, input_quantisation(mean, std))
 
 
 def write_null_replay(folder: Path, input_size: int, output_shapes: Sequence[Sequence[int]]) -> Path:
     """A NULL-mode description: the stand-in serves zeros of these shapes, hashing nothing and reading no
     files, so a runner timed against it shows its own overhead. Never for reported numbers."""
-    return _describe(Path(folder), input_size, input_size, output_shapes, ["null"])
+    return _describe(Path(folder), input_size, input_size, output_shapes, extra=["null"])
 
 
-def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], extra: Sequence[str] = ()) -> Path:
-    lines = ["rkbench-replay 1", f"input images 4 1 {h} {w} 3 uint8 nhwc"]
+def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], batch: int = 1,
+              quantisation: Tuple[int, float] = (-128, 1 / 255), extra: Sequence[str] = ()) -> Path:
+    zp, scale = quantisation
+    lines = ["rkbench-replay 1", f"input images 4 {batch} {h} {w} 3 int8 nhwc {zp} {scale!r}"]
     for k, shape in enumerate(shapes):
         lines.append(f"output output{k} {len(shape)} {' '.join(map(str, shape))} float32 nchw 0 0")
     folder.mkdir(parents=True, exist_ok=True)

@@ -38,19 +38,28 @@ GROUPS = {g.name: g for g in (
     Group("latency", "per-call times in ms: latency/<where>_<part>_ms_<stat>, part = infer (host, simulator) or "
           "py_pre / py_infer / py_post / py_total (board, Python runner) or cpp_inputs_set / cpp_run / cpp_outputs_get "
           "/ cpp_total (board, C++ runner; cpp_input_copy / cpp_output_read instead of inputs_set / outputs_get with "
-          "measure.cpp_zero_copy); <where>_cpp_init_ms: the C++ runner's rknn_init + attr queries, once per run",
+          "measure.cpp_zero_copy); <where>_cpp_init_ms: the C++ runner's rknn_init + attr queries, once per run; "
+          "<where>_cpp_frame_ms_<stat>: an iteration's total per image when batch > 1",
           "name"),
-    Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
-          "pool (<where>_fps), frame latency and per-core share", "name"),
+    Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_single_fps), a "
+          "worker pool (<where>_fps; C++ runner, one rknn context per worker: <where>_cpp_fps), frame latency and "
+          "per-core share (<where>[_cpp]_frame_ms_p50, _share_core<mask>)", "name"),
     Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
-    Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
+    Group("system", "NPU load per core, CPU load, the runner's peak and mean RSS, NPU/DDR/CPU clocks and temperatures "
+          "(min/max) while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
-    Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB", "board"),
+    Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB; memory/<where>_npu_<weight|"
+          "internal|dma_allocated|sram_total|sram_free>_mb: the C++ runner's RKNN_QUERY_MEM_SIZE (on the emulator: "
+          "what the replay stand-in allocated)", "board"),
     Group("perf", "rknn-toolkit2 eval_perf per-layer times (perf_debug)", "board"),
     Group("deploy", "files pushed / skipped, MiB pushed and seconds to deploy a configuration", "the link to the board"),
     Group("convert", "rknn-toolkit2 build seconds and .rknn size", "host"),
     Group("export", "exported ONNX size", "host"),
     Group("calib", "calibration images actually used", "host"),
+    Group("accuracy", "rknn-toolkit2 accuracy_analysis, int8 vs float per layer: worst_cosine / worst_euclidean (the "
+          "layer with the lowest single-layer cosine), worst_entire_cosine (errors accumulated from the input), "
+          "output_cosine/<output> (accumulated, at each model output), layers, q_zero_layers, images", "simulator"),
+    Group("hybrid", "hybrid quantization: layers kept in float16 (their names: tag rkbench.hybrid.layers)", "host"),
     Group("sweep", "on the parent run: configurations by status (finished, failed, reused); best_map50_95 and "
           "fastest_<place>_..._p50 of its children", "host"),
 )}
@@ -65,6 +74,8 @@ def where(name: str) -> Optional[str]:
     head, _, rest = name.partition("/")
     if head == "eval_float":
         return "host"
+    if head == "accuracy":
+        return "simulator"
     place = rest.split("_", 1)[0]
     return place if place in WHERE else None
 

@@ -182,11 +182,19 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
         if prefix == "eval":
             attach(ref.artifact.path, "detections")
 
-    if run.target == "simulator" or (run.target == "board" and (spec.uses_rknn(run) or run.measure.toolkit_perf)):
+    if spec.uses_rknn(run):   # a board running the ONNX converts nothing (toolkit_perf collapses there too)
         opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
         calib = spec.calibration_set(run, dataset) if run.quantize else []
         if run.quantize:
             metrics["calib/images"] = float(len(calib))
+        if spec.quantizes(run) and (run.hybrid.layers or run.accuracy.analysis):
+            from rkbench.stages.accuracy import run_studies
+            analysed = [image.path for image in dataset.images[:run.accuracy.images]]
+            opts, found, found_tags = run_studies(run, onnx, opts, calib, spec.files_hash(calib), analysed,
+                                                  spec.files_hash(analysed), cache, attach)
+            metrics.update(found)
+            tags.update(found_tags)
+            record(found, found_tags)   # kept even if the conversion below fails
         rknn_art, live = convert(onnx, opts, run.resolution, calib, spec.files_hash(calib), cache, run.export)
         keep_model("rknn", rknn_art)
         tags["rkbench.cache.convert"] = rknn_art.cache_key[:16]

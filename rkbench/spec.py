@@ -33,7 +33,8 @@ from rkbench.models.detect import InferenceSpec
 MEASUREMENT_VERSION = 3
 
 # Keys that say where results go or how long to wait, not what is measured.
-NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "farm", "board.adb_host", "board.adb_port", "board.timeout_s")
+NON_SEMANTIC = ("tracking.", "cache_dir", "resume", "study", "farm", "board.adb_host", "board.adb_port", "board.timeout_s",
+                "board.reconnect_s")
 # Keys the Ray launcher sets per job on a farm: boards of one SoC are interchangeable there, so the board
 # that measured a run is its tag rkbench.board, and a resumed farm sweep reuses it whichever board is free.
 FARM_ASSIGNED = ("board.address", "board.serial")
@@ -56,17 +57,23 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
      "only the .rknn uses it, and target={target}{runtime} runs the ONNX"),
     (("algo", "quant_method", "quant_dtype", "calib.size", "calib.source", "calib.seed"), quantizes,
      "only an int8 .rknn is calibrated (target={target}{runtime}, quantize={quantize})"),
+    (("accuracy.analysis", "accuracy.images", "accuracy.top_k", "hybrid.layers"), quantizes,
+     "per-layer quantization error and hybrid quantization need an int8 .rknn (target={target}{runtime}, "
+     "quantize={quantize})"),
     (("core_mask",), lambda r: r.target == "board" and uses_rknn(r),
      "NPU cores are chosen only on a board running the .rknn (target={target}{runtime})"),
     (("eval.float_reference",), lambda r: r.target != "onnxruntime",
      "target=onnxruntime is the float reference itself"),
     (("measure.iterations", "measure.min_seconds", "measure.modes", "measure.workers", "measure.cores",
-      "measure.frames", "measure.tile_frame", "measure.tile_overlap", "measure.toolkit_perf", "board.serial",
-      "board.address", "board.remote_root", "runner"), lambda r: r.target == "board",
+      "measure.frames", "measure.tile_frame", "measure.tile_overlap", "board.serial",
+      "board.address", "board.remote_root", "board.pin_freq", "runner"), lambda r: r.target == "board",
      "only the board runner uses it (target={target})"),
+    # rknn-toolkit2 profiles the .rknn: a board running the ONNX converts nothing for it
+    (("measure.toolkit_perf",), lambda r: r.target == "board" and uses_rknn(r),
+     "only the .rknn is profiled, and target={target}{runtime} runs the ONNX"),
     (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
      "only the Python runner on a board uses it (target={target}, runner={runner})"),
-    (("measure.cpp_outputs", "measure.cpp_zero_copy"), lambda r: r.target == "board" and r.runner == "cpp",
+    (("measure.cpp_outputs", "measure.cpp_zero_copy", "measure.cpp_pass_through"), lambda r: r.target == "board" and r.runner == "cpp",
      "only the C++ runner on a board uses it (target={target}, runner={runner})"),
 ]
 

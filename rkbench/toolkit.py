@@ -45,6 +45,8 @@ class ConvertOptions:
     dtype: str
     batch: int
     optimization_level: int = 3
+    hybrid: tuple[str, ...] = ()        # layers kept in float16 (hybrid quantization); () = plain int8
+
 
     def describe(self, calib_images: int) -> str:
         """In words, for the console: "int8, normal, 16 calibration images" or "fp16"."""
@@ -52,7 +54,8 @@ class ConvertOptions:
             words = ["fp16"]
         else:
             words = ["int8" if self.dtype == "w8a8" else self.dtype, self.algo, f"{calib_images} calibration images"]
-        return ", ".join(words + ([f"batch {self.batch}"] if self.batch > 1 else []))
+        hybrid = [f"hybrid: {len(self.hybrid)} layers in float16"] if self.quantize and self.hybrid else []
+        return ", ".join(words + hybrid + ([f"batch {self.batch}"] if self.batch > 1 else []))
 
     def toolkit_config(self) -> dict[str, Any]:
         return dict(mean_values=[list(MEAN)], std_values=[list(STD)], target_platform=self.platform,
@@ -127,10 +130,10 @@ def _attempt(call) -> tuple[str, bool]:
         return _exception_summary(exc), bool(MACHINE_FAULT.search(str(exc)))
 
 
-def _failure(step: str, error: str, machine: bool, log_path: Path, hint: str) -> StageError:
+def _failure(step: str, error: str, machine: bool, log_path: Path, hint: str, stage: str = "convert") -> StageError:
     logged = _errors_from_log(log_path)
     machine = machine or bool(MACHINE_FAULT.search(logged))
-    return StageError("convert", f"rknn-toolkit2 {toolkit_version()} {step} failed: {error}. {logged}".strip(),
+    return StageError(stage, f"rknn-toolkit2 {toolkit_version()} {step} failed: {error}. {logged}".strip(),
                       "a file went missing, the disk filled or memory ran out during the build: fix that and run "
                       "again" if machine else hint, deterministic=not machine)
 
@@ -145,20 +148,93 @@ def build_rknn(onnx_path: Path, opts: ConvertOptions, calib_list: Optional[Path]
     with elapsed(what), captured_output(log_path), working_dir(log_path.parent):
         from rknn.api import RKNN   # seconds: it imports torch (and prints), so inside the ticking line
 
-        rknn = RKNN(verbose=True)
-        steps = (("config", lambda: rknn.config(**opts.toolkit_config())),
-                 ("load_onnx", lambda: rknn.load_onnx(model=str(onnx_path))),
-                 ("build", lambda: rknn.build(do_quantization=opts.quantize,
-                                              dataset=str(calib_list) if opts.quantize else None,
-                                              rknn_batch_size=opts.batch if opts.batch > 1 else None)))
-        for step, call in steps:
-            error, machine = _attempt(call)
-            if error:
-                rknn.release()
-                break
+        if opts.quantize and opts.hybrid:
+            rknn, step, error, machine = _build_hybrid(RKNN, onnx_path, opts, calib_list)
+        else:
+            rknn = RKNN(verbose=True)
+            step, error, machine = _steps(rknn, (
+                ("config", lambda: rknn.config(**opts.toolkit_config())),
+                ("load_onnx", lambda: rknn.load_onnx(model=str(onnx_path))),
+                ("build", lambda: rknn.build(do_quantization=opts.quantize,
+                                             dataset=str(calib_list) if opts.quantize else None,
+                                             rknn_batch_size=opts.batch if opts.batch > 1 else None))))
     if error:
         raise _failure(step, error, machine, log_path, hint)
     return rknn
+
+
+def _steps(rknn, steps) -> tuple[str, str, bool]:
+    """Toolkit calls in order until one fails: (its step, what went wrong, machine fault); the object is
+    released on failure."""
+    for step, call in steps:
+        error, machine = _attempt(call)
+        if error:
+            rknn.release()
+            return step, error, machine
+    return "", "", False
+
+
+# hybrid_quantization_step1 writes <onnx stem>.{model,data,quantization.cfg} into the cwd; custom_quantize_layers
+# in the .cfg maps a tensor name (a key of its quantize_parameters, as accuracy_analysis names layers) to the
+# dtype it keeps.
+HYBRID_DTYPE = "float16"
+
+
+def _build_hybrid(RKNN, onnx_path: Path, opts: ConvertOptions, calib_list: Path):
+    """hybrid_quantization_step1 (quantize, write the config) -> keep opts.hybrid in float16 -> step2 on a
+    fresh object (as the toolkit's examples do), in a temporary folder: its files are tens of MB and the
+    simulator rebuilds inside a committed cache entry. Returns (live object or None, step, error, machine)."""
+    import tempfile
+
+    import yaml
+
+    first = RKNN(verbose=True)
+    stem = Path(onnx_path).stem
+    with tempfile.TemporaryDirectory(prefix="rkbench-hybrid-") as tmp, working_dir(Path(tmp)):
+        step, error, machine = _steps(first, (
+            ("config", lambda: first.config(**opts.toolkit_config())),
+            ("load_onnx", lambda: first.load_onnx(model=str(onnx_path))),
+            ("hybrid_quantization_step1", lambda: first.hybrid_quantization_step1(
+                dataset=str(calib_list), rknn_batch_size=opts.batch if opts.batch > 1 else None))))
+        if error:
+            return None, step, error, machine
+        first.release()
+        cfg_path = Path(f"{stem}.quantization.cfg")
+        cfg = yaml.safe_load(cfg_path.read_text())
+        unknown = [name for name in opts.hybrid if name not in cfg["quantize_parameters"]]
+        if unknown:
+            return None, "hybrid_quantization_step1", f"layers {', '.join(unknown)} are not in its quantize_parameters", False
+        cfg["custom_quantize_layers"] = {name: HYBRID_DTYPE for name in opts.hybrid}
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        second = RKNN(verbose=True)
+        step, error, machine = _steps(second, (
+            ("config", lambda: second.config(**opts.toolkit_config())),
+            ("hybrid_quantization_step2", lambda: second.hybrid_quantization_step2(
+                model_input=f"{stem}.model", data_input=f"{stem}.data", model_quantization_cfg=str(cfg_path)))))
+    return (None if error else second), step, error, machine
+
+
+def accuracy_analysis(rknn, images: list[Path], out_dir: Path, log_path: Path, hint: str) -> list[Path]:
+    """rknn-toolkit2 accuracy_analysis of a built (simulator) model, one call per image (the toolkit takes one
+    image per model input). Keeps each call's error_analysis.txt and map_name_to_file.txt as
+    <out_dir>/<i>_<name>; the per-layer snapshots (tens of MB per image) are deleted. Returns the
+    error_analysis files in image order; raises StageError("accuracy") like a build."""
+    import shutil
+
+    kept = []
+    for i, image in enumerate(images):
+        snap = out_dir / f"snapshot_{i}"
+        with captured_output(log_path), working_dir(out_dir):
+            error, machine = _attempt(lambda: rknn.accuracy_analysis(inputs=[str(image)], output_dir=str(snap)))
+        if error:
+            shutil.rmtree(snap, ignore_errors=True)
+            raise _failure("accuracy_analysis", error, machine, log_path, hint, stage="accuracy")
+        for name in ("error_analysis.txt", "map_name_to_file.txt"):
+            if (snap / name).exists():
+                (snap / name).rename(out_dir / f"{i}_{name}")
+        shutil.rmtree(snap)
+        kept.append(out_dir / f"{i}_error_analysis.txt")
+    return kept
 
 
 def export_rknn(rknn, out: Path, log_path: Path, hint: str) -> None:

@@ -153,7 +153,8 @@ class Tracker:
                                                 "rkbench.measured_at": self.started_at(measured),
                                                 **{k: v for k, v in measured.data.tags.items()
                                                    if k.startswith(("rkbench.device_kind", "rkbench.measure",
-                                                                    "rkbench.artifact.", "versions.", "board."))}}),
+                                                                    "rkbench.artifact.", "versions.", "board.",
+                                                                    "rkbench.accuracy.", "rkbench.hybrid."))}}),
                             parent=parent)
         self.log(run_id, dict(measured.data.metrics), params=dict(measured.data.params))
         self.end(run_id, "FINISHED")

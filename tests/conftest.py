@@ -63,6 +63,12 @@ def adb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdbServer]:
 
 
 @pytest.fixture(scope="session")
+def stage_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One host stage cache (cache_dir) for the board tests: the model is exported once per session."""
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="session")
 def emulated_board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedBoard]:
     with EmulatedBoard(tmp_path_factory.mktemp("board") / "root") as board:
         yield board

@@ -8,14 +8,16 @@ board is emulated is read from what it announces (its adb model), never from emu
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import struct
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
 from rkbench.device.transport import ShellResult, Transport, command_line, sync_fail_message, timeout_message
 from rkbench.errors import DeviceError
@@ -28,6 +30,46 @@ _EXIT_MARK = "RKBENCH_EXIT:"
 # The model the emulated board announces in its banner (ro.product.model=rkbench-emulator), as
 # `adb devices -l` shows it (adb turns '-' into '_'). A real board announces its own model.
 EMULATED_MODEL = "rkbench_emulator"
+
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5037
+
+
+@dataclass(frozen=True)
+class AdbServerAddress:
+    host: str
+    port: int
+    source: str          # where it came from: "board.adb_port", "ANDROID_ADB_SERVER_PORT", "default", ...
+
+
+def server_address(host: Optional[str] = None, port: Optional[int] = None,
+                   env: Optional[Mapping[str, str]] = None) -> AdbServerAddress:
+    """The adb server to use, as adb and adbutils pick it: an explicit setting (board.adb_host /
+    board.adb_port) wins; else adb's environment: ADB_SERVER_SOCKET (tcp:PORT or tcp:HOST:PORT), then
+    ANDROID_ADB_SERVER_ADDRESS (adb) or ANDROID_ADB_SERVER_HOST (adbutils) and ANDROID_ADB_SERVER_PORT;
+    else 127.0.0.1:5037."""
+    env = os.environ if env is None else env
+    env_host: Optional[tuple[str, str]] = None          # (value, variable)
+    env_port: Optional[tuple[int, str]] = None
+    socket_spec = env.get("ADB_SERVER_SOCKET")
+    if socket_spec:
+        parts = socket_spec.split(":")
+        if parts[0] != "tcp" or len(parts) not in (2, 3) or not parts[-1].isdigit():
+            raise DeviceError(f"ADB_SERVER_SOCKET={socket_spec!r} is not tcp:PORT or tcp:HOST:PORT: fix or unset it, "
+                              "or set board.adb_host/board.adb_port")
+        env_host = (parts[1], "ADB_SERVER_SOCKET") if len(parts) == 3 and parts[1] else None
+        env_port = (int(parts[-1]), "ADB_SERVER_SOCKET")
+    else:
+        env_host = next(((env[n], n) for n in ("ANDROID_ADB_SERVER_ADDRESS", "ANDROID_ADB_SERVER_HOST") if env.get(n)), None)
+        text = env.get("ANDROID_ADB_SERVER_PORT")
+        if text:
+            if not text.isdigit():
+                raise DeviceError(f"ANDROID_ADB_SERVER_PORT={text!r} is not a port number: fix or unset it")
+            env_port = (int(text), "ANDROID_ADB_SERVER_PORT")
+    chosen_host = (host, "board.adb_host") if host else env_host or (DEFAULT_HOST, "default")
+    chosen_port = (port, "board.adb_port") if port else env_port or (DEFAULT_PORT, "default")
+    sources = [s for s in dict.fromkeys((chosen_host[1], chosen_port[1])) if s != "default"] or ["default"]
+    return AdbServerAddress(chosen_host[0], chosen_port[0], ", ".join(sources))
 
 
 def _local_server(host: str) -> bool:
@@ -51,9 +93,11 @@ def ensure_adb_server(host: str, port: int, timeout_s: float = 30.0) -> None:
                           "or fix board.adb_host/board.adb_port")
     import adbutils
     exe = adbutils.adb_path()
+    # adb refuses -P beside ADB_SERVER_SOCKET: the port chosen here is the one the server must listen on
+    env = {k: v for k, v in os.environ.items() if k != "ADB_SERVER_SOCKET"}
     try:
         subprocess.run([exe, "-P", str(port), "start-server"], stdin=subprocess.DEVNULL, capture_output=True,
-                       timeout=timeout_s, check=True)
+                       timeout=timeout_s, check=True, env=env)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DeviceError(f"could not start an adb server on port {port} with {exe} ({exc}): "
                           "install adb (platform-tools) or start the server by hand") from exc
@@ -87,14 +131,16 @@ class AdbTransport(Transport):
 
     kind = "adb"
 
-    def __init__(self, serial: Optional[str] = None, address: Optional[str] = None, adb_host: str = "127.0.0.1",
-                 adb_port: int = 5037, *, connect_timeout_s: float = 15.0, io_timeout_s: float = 60.0):
+    def __init__(self, serial: Optional[str] = None, address: Optional[str] = None, adb_host: Optional[str] = None,
+                 adb_port: Optional[int] = None, *, connect_timeout_s: float = 15.0, io_timeout_s: float = 60.0):
+        """adb_host / adb_port None: adb's environment, else 127.0.0.1:5037 (server_address)."""
         import adbutils
         self.address = address
-        self.adb_host, self.adb_port = adb_host, adb_port
+        server = server_address(adb_host, adb_port)
+        self.adb_host, self.adb_port, self.server_source = server.host, server.port, server.source
         self.connect_timeout_s, self.io_timeout_s = connect_timeout_s, io_timeout_s
-        ensure_adb_server(adb_host, adb_port)
-        self._client = adbutils.AdbClient(host=adb_host, port=adb_port)
+        ensure_adb_server(self.adb_host, self.adb_port)
+        self._client = adbutils.AdbClient(host=self.adb_host, port=self.adb_port)
         if address:
             self._connect(address)
         self.serial = serial or address or self._only_device()
@@ -126,14 +172,15 @@ class AdbTransport(Transport):
         except Exception as exc:
             raise _map_adb_error(exc, "adb devices", "the adb server") from exc
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.connect_timeout_s
+    def _wait_ready(self, timeout_s: Optional[float] = None) -> None:
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         state = self._state()
         while state != "device":
             if state == "unauthorized":
                 raise DeviceError(f"{self.serial} is unauthorized: accept the RSA key prompt on the board")
             if time.monotonic() > deadline:
-                raise DeviceError(f"{self.serial} is {state or 'absent'} after {self.connect_timeout_s:g}s: "
+                raise DeviceError(f"{self.serial} is {state or 'absent'} after {timeout_s:.1f}s: "
                                   "check power and cable/network, then `adb connect IP:5555`", retryable=True)
             if state is None and self.address:
                 self._connect(self.address)
@@ -157,11 +204,14 @@ class AdbTransport(Transport):
         """After a dropped link: wait for the server to reconnect (it does for TCP), else connect again."""
         self._wait_ready()
 
+    def reconnect(self, timeout_s: float) -> None:
+        self._wait_ready(timeout_s)
+
     def _device(self):
         return self._client.device(self.serial)
 
     def describe(self) -> str:
-        return f"adb:{self.serial} (server {self.adb_host}:{self.adb_port})"
+        return f"adb:{self.serial} (server {self.adb_host}:{self.adb_port} from {self.server_source})"
 
     # ---- commands --------------------------------------------------------------------------------
     def shell(self, args: list[str], timeout: float) -> ShellResult:
@@ -189,7 +239,7 @@ class AdbTransport(Transport):
             raise DeviceError(f"connection to {self.serial} lost while running `{command[:80]}` ({exc}): "
                               "check the link; the command may still be running on the board") from exc
         finally:
-            conn.close()      # closing the stream ends the command on the board (the emulator kills it)
+            conn.close()      # adbd then signals the shell only: BoardSession kills the runner's group
         output = b"".join(chunks).decode("utf-8", "replace")
         mark = output.rfind(_EXIT_MARK)
         if mark < 0:

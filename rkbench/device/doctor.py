@@ -19,10 +19,16 @@ from rkbench.device.adb import AdbTransport
 from rkbench.device.transport import Transport
 from rkbench.errors import DeviceError
 
-# $1 = remote root, $2 = Python snippet. Prints key=value lines; absent things print nothing or empty.
+# $1 = remote root, $2 = Python snippet, $3 = the board's Python (board.python). Prints key=value lines;
+# absent things print nothing or empty.
 _PROBE_SCRIPT = r"""
 kv() { printf '%s=%s\n' "$1" "$2"; }
-root="$1"
+# Rockchip's documented version check: strings FILE | grep "<name> version"; grep -a where strings is missing
+version_in() {  # "<name> version: 2.3.0 (e80ac5c build@2024-11-07T12:52:53)"; the build part is optional
+  if command -v strings >/dev/null 2>&1; then strings "$1" 2>/dev/null | grep -i -o -E "$2 version: [^ ]+( \([^)]*\))?" | head -n 1
+  else grep -a -i -o -E "$2 version: [^ ]+( \([^)]*\))?" "$1" 2>/dev/null | head -n 1; fi
+}
+root="$1"; py="$3"
 kv compatible "$(tr '\000' ';' < /proc/device-tree/compatible 2>/dev/null)"
 kv kernel "$(uname -r 2>/dev/null)"
 kv machine "$(uname -m 2>/dev/null)"
@@ -31,23 +37,30 @@ kv npu_load "$(cat /sys/kernel/debug/rknpu/load 2>/dev/null)"
 for f in /usr/lib/librknnrt.so /usr/lib64/librknnrt.so /vendor/lib64/librknnrt.so /vendor/lib/librknnrt.so; do
   if [ -f "$f" ]; then
     kv librknnrt_path "$f"
-    kv librknnrt "$(grep -a -o 'librknnrt version: [^ ]* ([^)]*)' "$f" 2>/dev/null | head -n 1)"
+    kv librknnrt "$(version_in "$f" librknnrt)"
     break
   fi
 done
 for f in "$(command -v rknn_server 2>/dev/null)" /usr/bin/rknn_server /vendor/bin/rknn_server; do
   if [ -n "$f" ] && [ -f "$f" ]; then
-    kv rknn_server "$(grep -a -o 'rknn server, version:[^)]*)' "$f" 2>/dev/null | head -n 1)"
+    kv rknn_server "$(version_in "$f" rknn_server)"
     break
   fi
 done
-for d in /sys/class/devfreq/*npu*; do
-  if [ -d "$d" ]; then
-    kv npu_freq "$(cat "$d/cur_freq" 2>/dev/null)"
-    kv npu_governor "$(cat "$d/governor" 2>/dev/null)"
-    break
-  fi
+# the NPU's devfreq node: <addr>.npu on vendor kernels, devfreq0 on some newer ones (rknn_model_zoo's
+# scaling_frequency.sh); else only the SCMI clock's rate in debugfs (no governor)
+npu=""
+for d in /sys/class/devfreq/*npu* /sys/class/devfreq/devfreq0; do
+  if [ -z "$npu" ] && [ -f "$d/cur_freq" ]; then npu="$d"; fi
 done
+if [ -n "$npu" ]; then
+  kv npu_freq_source "$npu"
+  kv npu_freq "$(cat "$npu/cur_freq" 2>/dev/null)"
+  kv npu_governor "$(cat "$npu/governor" 2>/dev/null)"
+elif [ -f /sys/kernel/debug/clk/scmi_clk_npu/clk_rate ]; then
+  kv npu_freq_source /sys/kernel/debug/clk/scmi_clk_npu/clk_rate
+  kv npu_freq "$(cat /sys/kernel/debug/clk/scmi_clk_npu/clk_rate 2>/dev/null)"
+fi
 if [ -d /sys/class/devfreq/dmc ]; then
   kv dmc 1
   kv ddr_freq "$(cat /sys/class/devfreq/dmc/cur_freq 2>/dev/null)"
@@ -60,13 +73,17 @@ for p in /sys/devices/system/cpu/cpufreq/policy*; do
     kv "cpu.${p##*/}" "$(cat "$p/scaling_cur_freq" 2>/dev/null) $(cat "$p/scaling_governor" 2>/dev/null)"
   fi
 done
+for z in /sys/class/thermal/thermal_zone*; do
+  if [ -f "$z/temp" ]; then kv "thermal.$(cat "$z/type" 2>/dev/null || echo "${z##*/}")" "$(cat "$z/temp" 2>/dev/null)"; fi
+done
 d="$root"
 while [ ! -d "$d" ]; do d="$(dirname "$d")"; done
 kv df "$(df -Pk "$d" 2>/dev/null | tail -n 1)"
-if command -v python3 >/dev/null 2>&1; then python3 -c "$2" 2>/dev/null; fi
+if command -v "$py" >/dev/null 2>&1; then "$py" -c "$2" 2>/dev/null; fi
 true
 """
 
+# numpy and opencv: the runner's pre/post-processing; the engines: onnxruntime / rknn-toolkit-lite2
 _PY_SNIPPET = """
 import sys
 print("python=" + sys.version.split()[0])
@@ -77,6 +94,11 @@ except ImportError:
 for key, dist in (("toolkit_lite2", "rknn-toolkit-lite2"), ("onnxruntime", "onnxruntime")):
     try:
         print(key + "=" + metadata.version(dist))
+    except Exception:
+        pass
+for key, module in (("numpy", "numpy"), ("opencv", "cv2")):
+    try:
+        print(key + "=" + __import__(module).__version__)
     except Exception:
         pass
 """
@@ -102,7 +124,11 @@ class BoardFacts:
     rknn_server: Optional[str] = None
     toolkit_lite2: Optional[str] = None
     onnxruntime: Optional[str] = None
-    python: Optional[str] = None
+    python: Optional[str] = None             # the version of board.python, None when it is not there
+    python_path: str = "python3"             # board.python: the interpreter probed (a venv's python works)
+    numpy: Optional[str] = None
+    opencv: Optional[str] = None
+    npu_freq_source: Optional[str] = None    # the devfreq node (or SCMI clock) the NPU frequency comes from
     npu_freq_hz: Optional[int] = None
     npu_governor: Optional[str] = None
     dmc: bool = False
@@ -110,15 +136,21 @@ class BoardFacts:
     ddr_governor: Optional[str] = None
     cpu_freq_khz: dict[str, int] = field(default_factory=dict)      # cpufreq policy -> kHz
     cpu_governor: dict[str, str] = field(default_factory=dict)
+    thermal_c: dict[str, float] = field(default_factory=dict)      # thermal zone type -> degrees C
     free_mib: Optional[float] = None
     host_toolkit: Optional[str] = None      # rknn-toolkit2 on the host (builds the models)
 
     def as_tags(self) -> dict[str, str]:
         """`board.*` tags for every run measured on this board (unknown facts are left out)."""
         tags = {"board.transport": self.transport, "board.dmc": str(self.dmc).lower(),
-                "board.emulated": str(self.emulated).lower()}
+                "board.emulated": str(self.emulated).lower(), "board.python_path": self.python_path}
+        if self.emulated:   # the emulated board runs on this machine: its kernel is the host's, not a board's
+            tags["board.emulated_facts"] = EMULATED_FACTS
         for key in ("soc", "kernel", "machine", "npu_driver", "librknnrt", "rknn_server", "toolkit_lite2", "onnxruntime",
-                    "python", "npu_freq_hz", "npu_governor", "ddr_freq_hz", "ddr_governor"):
+                    "python", "numpy", "opencv", "npu_freq_source", "npu_freq_hz", "npu_governor", "ddr_freq_hz",
+                    "ddr_governor"):
+            if key == "kernel" and self.emulated:
+                continue
             value = getattr(self, key)
             if value not in (None, ""):
                 tags[f"board.{key}"] = str(value)
@@ -126,9 +158,17 @@ class BoardFacts:
             tags["board.cpu_freq_khz"] = ",".join(f"{p}:{f}" for p, f in sorted(self.cpu_freq_khz.items()))
         if self.cpu_governor:
             tags["board.cpu_governor"] = ",".join(f"{p}:{g}" for p, g in sorted(self.cpu_governor.items()))
+        if self.thermal_c:
+            tags["board.thermal_c"] = ",".join(f"{z}:{c:g}" for z, c in sorted(self.thermal_c.items()))
         if self.free_mib is not None:
             tags["board.free_mib"] = f"{self.free_mib:.0f}"
         return tags
+
+
+# What the emulated board's facts are (tag board.emulated_facts on its runs).
+EMULATED_FACTS = ("soc, npu driver, librknnrt, rknn_server, NPU/DDR/CPU frequencies and governors, temperatures: the "
+                  "emulator's stand-in files (frequencies and temperatures emulated from this machine's CPU load); "
+                  "machine and python: this machine's; kernel left out (this machine's, not a board's); no NPU load")
 
 
 @dataclass
@@ -136,6 +176,7 @@ class Finding:
     level: str      # error | warning | info
     what: str
     fix: str
+    needs: str = "npu"   # what it blocks: "npu" (the NPU stack: rknnlite, C++ runner) or "python" (the Python runner)
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -162,7 +203,7 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
     driver = re.search(r"v?(\d+\.\d+\.\d+)", values.get("npu_driver", ""))
     facts.npu_driver = driver.group(1) if driver else None
     facts.npu_load = values.get("npu_load") or None
-    rt = re.search(r"librknnrt version: (\S+)(.*)", values.get("librknnrt", ""))
+    rt = re.search(r"librknnrt version: (\S+)(.*)", values.get("librknnrt", ""), re.I)
     if rt:
         facts.librknnrt = rt.group(1)
         facts.librknnrt_build = (rt.group(1) + rt.group(2)).strip()
@@ -172,6 +213,9 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
     facts.toolkit_lite2 = values.get("toolkit_lite2") or None
     facts.onnxruntime = values.get("onnxruntime") or None
     facts.python = values.get("python") or None
+    facts.numpy = values.get("numpy") or None
+    facts.opencv = values.get("opencv") or None
+    facts.npu_freq_source = values.get("npu_freq_source") or None
     facts.npu_freq_hz = _int(values.get("npu_freq"))
     facts.npu_governor = values.get("npu_governor") or None
     facts.dmc = values.get("dmc") == "1"
@@ -184,6 +228,8 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
                 facts.cpu_freq_khz[key[4:]] = int(freq)
             if governor:
                 facts.cpu_governor[key[4:]] = governor
+        elif key.startswith("thermal.") and _int(value) is not None:
+            facts.thermal_c[key[8:]] = int(value) / 1000     # millidegrees
     df = values.get("df", "").split()
     if len(df) >= 4 and df[3].isdigit():
         facts.free_mib = int(df[3]) / 1024
@@ -198,14 +244,16 @@ def host_toolkit_version() -> Optional[str]:
         return None
 
 
-def probe(transport: Transport, host_toolkit_version: Optional[str], *,
-          remote_root: str = "/data/local/tmp/rkbench", timeout: float = 60.0) -> BoardFacts:
-    result = transport.shell(["sh", "-c", _PROBE_SCRIPT, "sh", remote_root, _PY_SNIPPET], timeout=timeout)
+def probe(transport: Transport, host_toolkit_version: Optional[str], *, remote_root: str = "/data/local/tmp/rkbench",
+          timeout: float = 60.0, python: str = "python3") -> BoardFacts:
+    """`python`: board.python, the interpreter the runner uses (on Debian boards often a venv's python)."""
+    result = transport.shell(["sh", "-c", _PROBE_SCRIPT, "sh", remote_root, _PY_SNIPPET, python], timeout=timeout)
     if not result.ok:
         raise DeviceError(f"board probe failed on {transport.describe()} (exit {result.exit_code}): "
                           f"{result.output.strip()[-300:]}; check that the board has a POSIX sh")
     facts = parse_probe(result.output, transport.describe(), remote_root, host_toolkit_version)
     facts.emulated = transport.emulated
+    facts.python_path = python
     return facts
 
 
@@ -239,11 +287,19 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
     if lite and rt and lite[:2] > rt[:2]:
         add("warning", f"rknn-toolkit-lite2 {facts.toolkit_lite2} is newer than librknnrt {facts.librknnrt}",
             f"update librknnrt.so on the board to >= {facts.toolkit_lite2}")
+    py = facts.python_path
     if facts.python is None:
-        add("error", "no python3 on the board", "install python3 (the on-device runner needs it)")
-    elif facts.toolkit_lite2 is None:
-        add("info", "rknn-toolkit-lite2 not installed on the board",
-            "pip install the rknn_toolkit_lite2 wheel for the board's Python (runtime=rknnlite needs it)")
+        found.append(Finding("error", f"no {py} on the board (board.python)",
+                             "install python3 there, or set board.python=/path/to/venv/bin/python", "python"))
+    else:
+        for name, pip in (("numpy", "numpy"), ("opencv", "opencv-python-headless")):
+            if getattr(facts, name) is None:
+                found.append(Finding("error", f"{name} is not installed for the board's {py} (the runner needs it)",
+                                     f"{py} -m pip install {pip} on the board, or set board.python to a Python "
+                                     "that has it", "python"))
+        if facts.toolkit_lite2 is None:
+            add("info", f"rknn-toolkit-lite2 not installed for the board's {py}",
+                "pip install the rknn_toolkit_lite2 wheel for the board's Python (runtime=rknnlite needs it)")
     if facts.npu_driver is None:
         add("warning", "NPU driver version unreadable (/sys/kernel/debug/rknpu/version)",
             "run adbd as root (`adb root`) or read it from `dmesg | grep -i rknpu`")
@@ -254,7 +310,7 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
                 if g and g not in STABLE_GOVERNORS]
     if unstable:
         add("info", f"frequency governors {', '.join(sorted(set(unstable)))} let clocks float: latency varies run to run",
-            "for stable numbers set the NPU/DDR/CPU governors to performance (echo performance > .../governor)")
+            "for stable numbers run with board.pin_freq=true (performance governors while measuring, restored after)")
     if facts.free_mib is not None and facts.free_mib < LOW_SPACE_MIB:
         add("warning", f"only {facts.free_mib:.0f} MiB free under {facts.remote_root}",
             f"free space there (old models pile up in {facts.remote_root}/cache) or set board.remote_root elsewhere")
@@ -263,15 +319,18 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
 
 def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
     rows = [("transport", facts.transport + (" (emulated: no NPU)" if facts.emulated else "")), ("soc", facts.soc), ("compatible", " ".join(facts.compatible)),
-            ("kernel", facts.kernel), ("machine", facts.machine), ("npu driver", facts.npu_driver),
+            ("kernel", facts.kernel and facts.kernel + (" (this machine's, not a board's)" if facts.emulated else "")),
+            ("machine", facts.machine), ("npu driver", facts.npu_driver),
             ("librknnrt", facts.librknnrt_build and f"{facts.librknnrt_build} ({facts.librknnrt_path})"),
             ("rknn_server", facts.rknn_server), ("rknn-toolkit2 (host)", facts.host_toolkit),
             ("rknn-toolkit-lite2", facts.toolkit_lite2), ("onnxruntime", facts.onnxruntime),
-            ("python", facts.python),
-            ("npu", facts.npu_freq_hz and f"{facts.npu_freq_hz / 1e6:.0f} MHz {facts.npu_governor or ''}"),
+            ("python", facts.python and f"{facts.python} ({facts.python_path})"),
+            ("numpy / opencv", f"{facts.numpy or 'missing'} / {facts.opencv or 'missing'}"),
+            ("npu", facts.npu_freq_hz and f"{facts.npu_freq_hz / 1e6:.0f} MHz {facts.npu_governor or ''} ({facts.npu_freq_source})"),
             ("ddr (dmc)", f"{facts.ddr_freq_hz / 1e6:.0f} MHz {facts.ddr_governor or ''}" if facts.ddr_freq_hz else "absent"),
             ("cpu", ", ".join(f"{p} {f / 1e3:.0f} MHz {facts.cpu_governor.get(p, '')}".strip()
                               for p, f in sorted(facts.cpu_freq_khz.items()))),
+            ("temperature", ", ".join(f"{z} {c:.1f} C" for z, c in sorted(facts.thermal_c.items()))),
             ("npu load", facts.npu_load),
             ("free", facts.free_mib is not None and f"{facts.free_mib:.0f} MiB under {facts.remote_root}")]
     lines = ["Board facts"] + ["  " + line for line in tables.text(["fact", "value"], [[k, v or "-"] for k, v in rows])
@@ -284,7 +343,8 @@ def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
 
 # Hydra-style keys (as in `python -m rkbench target=board board.address=...`) -> doctor options
 HYDRA_KEYS = {"board.serial": "--serial", "board.address": "--address", "board.adb_host": "--adb-host",
-              "board.adb_port": "--adb-port", "board.remote_root": "--remote-root", "platform": "--platform"}
+              "board.adb_port": "--adb-port", "board.remote_root": "--remote-root", "board.python": "--python",
+              "platform": "--platform"}
 
 
 def hydra_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -304,12 +364,13 @@ def hydra_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rkbench doctor", description="Check a board for rkbench.",
                                      epilog="Hydra-style settings work too: board.address=IP:5555 board.serial=S "
-                                            "board.adb_host=H board.adb_port=P board.remote_root=DIR platform=rk3588")
+                                            "board.adb_host=H board.adb_port=P board.remote_root=DIR board.python=PY platform=rk3588")
     parser.add_argument("--serial", help="adb serial (USB)")
     parser.add_argument("--address", help="network adb address, IP:PORT (runs `adb connect`)")
-    parser.add_argument("--adb-host", default="127.0.0.1")
-    parser.add_argument("--adb-port", type=int, default=5037)
+    parser.add_argument("--adb-host", help="adb server host (default: adb's environment, else 127.0.0.1)")
+    parser.add_argument("--adb-port", type=int, help="adb server port (default: ANDROID_ADB_SERVER_PORT, else 5037)")
     parser.add_argument("--remote-root", default="/data/local/tmp/rkbench")
+    parser.add_argument("--python", default="python3", help="the board's Python for the runner (board.python)")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -325,7 +386,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(hydra_style(argv, parser))
     try:
         transport = AdbTransport(args.serial, args.address, args.adb_host, args.adb_port)
-        facts = probe(transport, args.host_toolkit or host_toolkit_version(), remote_root=args.remote_root)
+        facts = probe(transport, args.host_toolkit or host_toolkit_version(), remote_root=args.remote_root,
+                      python=args.python)
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -123,11 +123,12 @@ def run_latency(args: argparse.Namespace, det: Any, sampler: sampling.SystemSamp
     return out
 
 
-def run_eval(args: argparse.Namespace, det: Any) -> Dict[str, Any]:
+def run_eval(args: argparse.Namespace, det: Any, sampler: sampling.SystemSampler) -> Dict[str, Any]:
     if not args.images:
         raise runner_io.RunnerError("--mode eval needs --images FILE (lines: image_id<TAB>path)")
     items = runner_io.read_images_file(args.images)
-    detections, rows = det.evaluate(items)
+    with sampler:
+        detections, rows = det.evaluate(items)
     path = args.detections or os.path.splitext(args.out)[0] + ".detections.json"
     runner_io.write_json_atomic(path, detections)
     out = {"images": len(items), "detections": len(detections), "detections_file": path, "batch": det.spec.batch,

@@ -9,7 +9,7 @@ The spec file holds the inference spec (rkbench.models.detect.InferenceSpec: inp
 category ids, batch, thresholds, runtime, core mask ...), the same object the host evaluates with, and
 the measure settings (warmup, iterations, frames ...); a flag given on the command line overrides a
 measure setting, for use by hand. Modes: see modes.py. While measuring, a thread samples the NPU load,
-the CPU load and the runner's resident memory (sampling.py).
+the CPU load, the runner's resident memory, the NPU / DDR / CPU clocks and the temperatures (sampling.py).
 
 The result is written atomically and carries "complete": true only when the run got to the end (see
 runner_io.py). On failure the exit status is non-zero and stderr ends with one line `runner: error: ...`.
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.mode == "latency":
             result["latency"] = modes.run_latency(args, detectors[0], sampler)
         elif args.mode == "eval":
-            result["eval"] = modes.run_eval(args, detectors[0])
+            result["eval"] = modes.run_eval(args, detectors[0], sampler)
         elif args.mode == "tiling":
             result["tiling"] = modes.run_tiling(args, detectors[0], sampler)
         else:
@@ -150,8 +150,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         for runtime in runtimes:
             runtime.close()
-    if args.mode != "eval":
-        result["system"] = sampler.result()
+    result["system"] = sampler.result()   # clocks, temperatures, memory and loads of every mode
     result["model"] = runner_io.file_facts(args.model)
     return result
 

@@ -1,9 +1,12 @@
 """What the board was doing while the runner measured: NPU load per core (debugfs), CPU load
-(/proc/stat), resident memory, and the device tree / devfreq / cpufreq state at measurement time.
-Missing sources are recorded with the reason, never fatal. Board-pushable: numpy only."""
+(/proc/stat), the runner's resident memory (/proc/<pid>/status VmRSS, VmHWM), NPU / DDR / CPU
+frequencies and their governors (devfreq, cpufreq) and temperatures (thermal zones), sampled by one thread
+during each mode; and the device tree / devfreq / cpufreq state at start. Missing sources are recorded
+with the reason, never fatal. Board-pushable: numpy only."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import threading
@@ -12,6 +15,34 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 NPU_LOAD = "/sys/kernel/debug/rknpu/load"
+# The NPU's devfreq node: <addr>.npu on vendor kernels, devfreq0 on some newer ones; else only the SCMI
+# clock's rate (rknn_model_zoo's scaling_frequency.sh looks in the same places, in this order).
+NPU_DEVFREQ = ("/sys/class/devfreq/*npu*", "/sys/class/devfreq/devfreq0")
+SCMI_NPU = "/sys/kernel/debug/clk/scmi_clk_npu/clk_rate"
+# name -> (value file, governor file or None, factor to the unit, unit)
+Source = Tuple[str, Optional[str], float, str]
+
+
+def clock_sources(sysfs_root: str) -> Dict[str, Source]:
+    """What to sample for frequencies and temperatures on this board: npu_freq, ddr_freq,
+    cpu_<policy>_freq (MHz) and temp_<zone type> (degrees C), each only where its file exists."""
+    out: Dict[str, Source] = {}
+    npu = [d for pattern in NPU_DEVFREQ for d in sorted(glob.glob(board_path(sysfs_root, pattern)))
+           if os.path.isfile(os.path.join(d, "cur_freq"))]
+    if npu:
+        out["npu_freq"] = (os.path.join(npu[0], "cur_freq"), os.path.join(npu[0], "governor"), 1e-6, "MHz")
+    elif os.path.isfile(board_path(sysfs_root, SCMI_NPU)):
+        out["npu_freq"] = (board_path(sysfs_root, SCMI_NPU), None, 1e-6, "MHz")
+    dmc = board_path(sysfs_root, "/sys/class/devfreq/dmc")
+    if os.path.isfile(os.path.join(dmc, "cur_freq")):
+        out["ddr_freq"] = (os.path.join(dmc, "cur_freq"), os.path.join(dmc, "governor"), 1e-6, "MHz")
+    for policy in sorted(glob.glob(board_path(sysfs_root, "/sys/devices/system/cpu/cpufreq/policy*"))):
+        out[f"cpu_{os.path.basename(policy)}_freq"] = (os.path.join(policy, "scaling_cur_freq"),
+                                                       os.path.join(policy, "scaling_governor"), 1e-3, "MHz")
+    for zone in sorted(glob.glob(board_path(sysfs_root, "/sys/class/thermal/thermal_zone*"))):
+        kind = (_first_line("", os.path.join(zone, "type")) or os.path.basename(zone)).replace("-", "_")
+        out[f"temp_{kind}"] = (os.path.join(zone, "temp"), None, 1e-3, "C")
+    return out
 
 
 def parse_npu_load(text: str) -> Dict[str, float]:
@@ -48,11 +79,17 @@ def cpu_times() -> Optional[Tuple[int, int]]:
     return sum(values) - idle, sum(values)
 
 
+def status_mib(pid: int, field: str) -> Optional[float]:
+    """VmRSS / VmHWM of a process from /proc/<pid>/status, in MiB (None where unreadable)."""
+    text, _ = read_text(f"/proc/{pid}/status")
+    m = re.search(r"^" + field + r":\s*(\d+)\s*kB", text or "", re.M)
+    return int(m.group(1)) / 1024 if m else None
+
+
 def peak_rss_mib() -> Tuple[Optional[float], str]:
-    text, _ = read_text("/proc/self/status")
-    m = re.search(r"^VmHWM:\s*(\d+)\s*kB", text or "", re.M)
-    if m:
-        return int(m.group(1)) / 1024, "VmHWM"
+    peak = status_mib(os.getpid(), "VmHWM")
+    if peak is not None:
+        return peak, "VmHWM"
     try:
         import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "getrusage"   # kB on Linux
@@ -61,11 +98,15 @@ def peak_rss_mib() -> Tuple[Optional[float], str]:
 
 
 class SystemSampler:
-    """A thread sampling NPU load per core, CPU load and RSS while a measurement runs. Missing sources are
-    recorded with the reason, never fatal."""
+    """A thread sampling NPU load per core, CPU load, the runner's RSS, frequencies, governors and
+    temperatures while a measurement runs. Missing sources are recorded with the reason, never fatal."""
 
     def __init__(self, sysfs_root: str, interval: float):
         self.npu_path = board_path(sysfs_root, NPU_LOAD)
+        self.pid = os.getpid()     # the runner's own process
+        self.sources = clock_sources(sysfs_root)
+        self._clocks: Dict[str, List[float]] = {name: [] for name in self.sources}
+        self._governors: Dict[str, List[str]] = {name: [] for name in self.sources}
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -107,10 +148,16 @@ class SystemSampler:
         if now is not None and self._last_cpu is not None and now[1] > self._last_cpu[1]:
             self._cpu.append(100.0 * (now[0] - self._last_cpu[0]) / (now[1] - self._last_cpu[1]))
         self._last_cpu = now
-        status, _ = read_text("/proc/self/status")
-        m = re.search(r"^VmRSS:\s*(\d+)\s*kB", status or "", re.M)
-        if m:
-            self._rss.append(int(m.group(1)) / 1024)
+        rss = status_mib(self.pid, "VmRSS")
+        if rss is not None:
+            self._rss.append(rss)
+        for name, (path, governor_path, factor, _unit) in self.sources.items():
+            value = _first_line("", path)
+            if value and value.isdigit():
+                self._clocks[name].append(int(value) * factor)
+            governor = _first_line("", governor_path) if governor_path else None
+            if governor and governor not in self._governors[name]:
+                self._governors[name].append(governor)
 
     def result(self) -> Dict[str, Any]:
         if self._npu:
@@ -123,9 +170,17 @@ class SystemSampler:
                                 "samples": len(self._cpu)} if self._cpu
                                else {"available": False, "reason": "no /proc/stat deltas"})
         peak, source = peak_rss_mib()
+        if peak is not None and self._rss and max(self._rss) > peak:   # the kernel updates VmHWM lazily
+            peak, source = max(self._rss), "VmRSS sampled (above VmHWM)"
+        clocks = {name: {"path": path, "unit": unit, "min": min(v), "max": max(v), "mean": float(np.mean(v)),
+                         "samples": len(v), "governors": self._governors[name]}
+                  for name, (path, _, _, unit) in self.sources.items() for v in [self._clocks[name]] if v}
         return {"interval_s": self.interval, "samples": self.samples, "npu_load": npu, "cpu_load": cpu,
-                "memory": {"peak_rss_mib": peak, "source": source,
-                           "rss_mib_max_sampled": max(self._rss) if self._rss else None}}
+                "clocks": clocks,
+                "memory": {"pid": self.pid, "peak_rss_mib": peak, "source": source,
+                           "rss_mib_mean": float(np.mean(self._rss)) if self._rss else None,
+                           "rss_mib_max_sampled": max(self._rss) if self._rss else None,
+                           "rss_samples": len(self._rss)}}
 
 
 

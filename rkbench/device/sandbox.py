@@ -69,10 +69,12 @@ class BoardRoot:
                    PATH=f"{self.root / 'usr/bin'}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}")
         return env
 
-    def spawn(self, command: str) -> subprocess.Popen:
+    def spawn(self, command: str, *, open_stdin: bool = False) -> subprocess.Popen:
         """Start a board command line in the sandbox: stdout and stderr merged into one pipe, in its own
-        session (so a timeout or a fault can kill the whole process group)."""
-        return subprocess.Popen(["/bin/sh", "-c", self.rewrite(command)], stdin=subprocess.DEVNULL,
+        session (so a timeout or a fault can kill the whole process group). `open_stdin`: stdin is a pipe
+        the caller keeps open (adbd's raw shell reads the stream: a command reading stdin waits)."""
+        return subprocess.Popen(["/bin/sh", "-c", self.rewrite(command)],
+                                stdin=subprocess.PIPE if open_stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.root,
                                 env=self.env(), start_new_session=True)
 

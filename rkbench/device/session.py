@@ -21,7 +21,7 @@ from typing import Any, Optional
 from rkbench.config import NPU_CORES, RunConfig
 from rkbench.data.datasets import Dataset
 from rkbench.device.deploy import cache_path, deploy_with_report
-from rkbench.device.transport import Transport
+from rkbench.device.transport import ShellResult, Transport, wait_for_link
 from rkbench.errors import DeviceError
 from rkbench.models.detect import InferenceSpec
 
@@ -103,6 +103,7 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
     if run.runner == "cpp":   # the C++ runner's own settings (the Python runner never sees them)
         measure["outputs"] = m.cpp_outputs
         measure["zero_copy"] = bool(m.cpp_zero_copy)
+        measure["pass_through"] = bool(m.cpp_pass_through)
     return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
 
 
@@ -167,7 +168,8 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
                arch: str, replay_onnx: Optional[Path] = None) -> Deployed:
     """The C++ runner: its binary for `arch`, the spec file, the .rknn, and the evaluation images letterboxed
     here into raw tensors with their inputs list. With `replay_onnx` (the emulated board, no NPU) also the
-    replay stand-in librknnrt and the ONNX Runtime outputs of exactly those tensors, which it serves."""
+    replay stand-in librknnrt and the ONNX Runtime outputs of exactly those tensors (per batch, and of
+    their pass-through bytes with measure.cpp_pass_through), which it serves."""
     from rkbench import cpp
 
     try:
@@ -189,13 +191,64 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
     fields = dict(runner=placing.paths["runner"], pythonpath="", images=placing.paths["inputs"],
                   spec=placing.paths["spec"], kind="cpp", model=placing.paths["model"])
     if replay_onnx is not None:
-        description = cpp.write_replay(folder / "replay", replay_onnx, tensors)
+        # what the runner will hand over: batches of spec.batch, and their pass-through tensors when asked for
+        through = bool(run.measure.cpp_pass_through)
+        description = cpp.write_replay(folder / f"replay-b{spec.batch}{'-pt' if through else ''}", replay_onnx, tensors,
+                                       spec.mean, spec.std, batch=spec.batch, pass_through=through)
         records = {f"record{p.stem}": p for p in sorted(description.parent.glob("*.out"))}
         placing.place({"standin": standin, **records})
         text = description.read_text() + "".join(f"record {name[6:]} {placing.ref(name)}\n" for name in records)
         placing.place({"replay": write_local(work, cpp.REPLAY_MODEL, text)})
         fields.update(model=placing.paths["replay"], lib=placing.paths["standin"])
     return placing.deployed(**fields)
+
+
+# ------------------------------------------------------------------------------------ runner processes
+# adbd (and sshd) signal only the shell when a stream closes (timeout, lost link, Ctrl-C): a runner started
+# by that shell is orphaned and keeps the NPU busy. So the runner (Python or C++) runs in its own session
+# and process group (setsid; not forked again, as the shell's background child is no group leader), its pid
+# is in <remote_root>/run/<name>.pid while it runs, and the host kills that group itself (kill_runners).
+RUN_DIR = "run"
+_LAUNCH = r"""
+command -v setsid >/dev/null 2>&1 || { echo "runner: error: setsid not found on the board: install util-linux (or a busybox/toybox with setsid)"; exit 125; }
+f=$1; shift
+mkdir -p "${f%/*}" || exit 125
+setsid "$@" &
+pid=$!
+echo "$pid" > "$f"
+wait "$pid"
+code=$?
+rm -f "$f"
+exit "$code"
+"""
+# Kills the group of every pid file in $1 whose process is ours: its command line names $2 (remote_root),
+# so a pid reused after a reboot is left alone. A group whose leader is gone still gets the signal: Linux
+# does not hand out a pid that is still some group's id, so that group is ours.
+_KILL = r"""
+for f in "$1"/*.pid; do
+  [ -f "$f" ] || continue
+  pid=$(cat "$f"); rm -f "$f"
+  case "$pid" in ""|*[!0-9]*) continue;; esac
+  if [ -r "/proc/$pid/cmdline" ] && ! tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$2"; then continue; fi
+  { kill -9 "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null; } && echo "killed $pid"
+done
+true
+"""
+
+
+def launched(args: list[str], pidfile: str) -> list[str]:
+    """`args` run in their own process group with their pid in `pidfile` while they run; exit status kept."""
+    return ["sh", "-c", _LAUNCH, "sh", pidfile, *args]
+
+
+def kill_runners(transport: Transport, remote_root: str, why: str) -> list[int]:
+    """Kill every runner rkbench started under remote_root that still runs (the whole process group);
+    returns their pids. Cheap when none is left: one shell round trip."""
+    result = transport.shell(["sh", "-c", _KILL, "sh", posixpath.join(remote_root, RUN_DIR), remote_root], timeout=30)
+    pids = [int(line.split()[1]) for line in result.output.splitlines() if line.startswith("killed ")]
+    if pids:
+        log.warning("killed runner process group(s) %s on %s (%s)", ", ".join(map(str, pids)), transport.describe(), why)
+    return pids
 
 
 # ---------------------------------------------------------------------------------------------- run modes
@@ -236,11 +289,12 @@ class BoardSession:
     local_dir: Path
     remote_dir: str
     attempts: dict[str, int] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)      # mode -> the runner's stdout and stderr (last attempt)
 
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
         d = self.deployed
-        if d.kind == "cpp":   # latency and eval, both from the prepared inputs
+        if d.kind == "cpp":   # latency, eval and throughput, all from the prepared inputs
             args = [d.runner, "--spec", d.spec, "--mode", mode, "--model", d.model, "--out", out, "--where",
                     self.where, "--inputs", d.images, "--detections", detections]
             return args + (["--lib", d.lib] if d.lib else [])
@@ -262,24 +316,43 @@ class BoardSession:
             except _Retry as why:
                 failures.append(str(why))
                 log.warning("%s on %s, attempt %d: %s", mode, self.where, attempt, why)
-                if attempt == 1:
-                    self.transport.recover()
+                if attempt == 1:   # the link may be back; the first runner may still run there (orphaned)
+                    wait_for_link(self.transport, self.run.board.reconnect_s)
+                    kill_runners(self.transport, self.run.board.remote_root, f"{mode} lost its link")
         raise DeviceError(f"{failures[1]} (the first attempt failed too: {failures[0]})")
+
+    def _runner(self, mode: str, attempt: int, out: str, detections: str) -> ShellResult:
+        """One runner call; on a timeout or Ctrl-C its process group is killed on the board before this returns."""
+        pidfile = posixpath.join(self.run.board.remote_root, RUN_DIR, f"{posixpath.basename(self.remote_dir)}-{mode}-{attempt}.pid")
+        timeout = self.run.board.timeout_s
+        started = time.monotonic()
+        try:
+            return self.transport.shell(launched(self.command(mode, out, detections), pidfile), timeout=timeout)
+        except KeyboardInterrupt:
+            self._kill_quietly(f"Ctrl-C during {mode}")
+            raise
+        except DeviceError as exc:
+            if time.monotonic() - started >= timeout:
+                self._kill_quietly(f"{mode} timed out")
+                raise DeviceError(f"runner {mode} did not finish within {timeout:g}s on the {self.where} (its process "
+                                  "group was killed there): raise board.timeout_s or lower "
+                                  "measure.iterations/min_seconds/frames") from exc
+            raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
+
+    def _kill_quietly(self, why: str) -> None:
+        try:
+            kill_runners(self.transport, self.run.board.remote_root, why)
+        except DeviceError as exc:   # the link is gone too: the next configuration kills it on reconnect
+            log.warning("could not kill the runner on the %s (%s): %s; it is killed before the next configuration",
+                        self.where, why, exc)
 
     def _attempt(self, mode: str, attempt: int) -> dict[str, Any]:
         from rkbench.device.runner_io import ResultError, load_result
 
         out = f"{self.remote_dir}/{mode}-{attempt}.json"
         detections = f"{self.remote_dir}/{mode}-{attempt}.detections.json"
-        timeout = self.run.board.timeout_s
-        started = time.monotonic()
-        try:
-            result = self.transport.shell(self.command(mode, out, detections), timeout=timeout)
-        except DeviceError as exc:
-            if time.monotonic() - started >= timeout:
-                raise DeviceError(f"runner {mode} did not finish within {timeout:g}s on the {self.where}: raise "
-                                  "board.timeout_s or lower measure.iterations/min_seconds/frames") from exc
-            raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
+        result = self._runner(mode, attempt, out, detections)
+        self.logs[mode] = result.output
         code = result.exit_code
         if code in (126, 127) and self.deployed.kind == "cpp":
             raise DeviceError(f"the C++ runner cannot start on the {self.where} (exit {code}): it needs glibc >= 2.17 "

@@ -13,6 +13,7 @@ Only idempotent operations retry (push, pull, stat, hash); a command - a measure
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shlex
@@ -79,6 +80,44 @@ def retry(action: Callable[[], T], *, what: str, attempts: int = 3, delay_s: flo
     raise AssertionError("unreachable")
 
 
+class BoardGone(DeviceError):
+    """The board stayed away for board.reconnect_s: the rest of a sweep's configurations on it fail at once."""
+
+
+def wait_until_back(attempt: Callable[[float], T], total_s: float, what: str) -> T:
+    """Call `attempt(timeout_s)` until it stops raising a retryable DeviceError: exponential backoff (1, 2, 4 ..
+    30 s), one line per failed attempt, BoardGone once `total_s` seconds have passed in all."""
+    started = time.monotonic()
+    delay = 1.0
+    for n in itertools.count(1):
+        left = total_s - (time.monotonic() - started)
+        try:
+            result = attempt(max(0.5, min(1.0, left)))      # a short look; the backoff does the waiting
+        except DeviceError as exc:
+            if not exc.retryable:
+                raise
+            waited = time.monotonic() - started
+            if waited + 0.05 >= total_s:
+                raise BoardGone(f"{what} did not come back within board.reconnect_s={total_s:g}s ({n} attempt"
+                                f"{'s' if n > 1 else ''}; last: {exc}): check power and cable/network, then run the "
+                                "sweep again (finished configurations are reused)") from exc
+            pause = min(delay, 30.0, total_s - waited)
+            log.warning("%s unreachable, attempt %d (%.1fs of board.reconnect_s=%gs): %s; next try in %.1fs",
+                        what, n, waited, total_s, str(exc)[:160], pause)
+            time.sleep(pause)
+            delay *= 2
+            continue
+        if n > 1:
+            log.warning("%s is back after %.1fs (%d attempts)", what, time.monotonic() - started, n)
+        return result
+    raise AssertionError("unreachable")   # itertools.count never ends
+
+
+def wait_for_link(transport: "Transport", total_s: float) -> None:
+    """Bring a dropped link back (reconnect with backoff, bounded by total_s); BoardGone if it stays away."""
+    wait_until_back(transport.reconnect, total_s, transport.describe())
+
+
 class Transport(ABC):
     kind: str = "?"
     attempts: int = 3
@@ -106,6 +145,10 @@ class Transport(ABC):
 
     def recover(self) -> None:
         """Bring the link back after a retryable failure (reconnect); nothing to do by default."""
+
+    def reconnect(self, timeout_s: float) -> None:
+        """One try at an answering link within timeout_s (a retryable DeviceError if not); recover() by default."""
+        self.recover()
 
     def close(self) -> None:
         """Release the link; nothing to do by default."""

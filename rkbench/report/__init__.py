@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from rkbench.report.accuracy import sections as accuracy_sections
 from rkbench.report.frontier import frontiers
 from rkbench.report.gate import Row
 from rkbench.report.markdown import pivot_title, render
@@ -45,8 +46,9 @@ def write_report(sel: Selection, out_dir: Path, pivot: list[tuple[str, str, Opti
     linked = [(p, plot(pivot_figure(p), pivot_title(p).replace(" by ", "_by_").replace(" x ", "_x_")) if plots else None)
               for p in tables]
     fronted = [(f, plot(pareto_figure(f), f"pareto_{f.stem}") if plots else None) for f in fronts]
+    studies = accuracy_sections(sel, plot if plots else None)
     path = out / f"{name}.md"
-    path.write_text(render(sel, linked, datetime.now(timezone.utc), limits, fronted, gate, baseline))
+    path.write_text(render(sel, linked, datetime.now(timezone.utc), limits, fronted, gate, baseline, studies))
     return path
 
 

@@ -303,10 +303,10 @@ def _counts(sel: Selection) -> list[str]:
 
 def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated: datetime,
            limits: Limits = Limits(), fronts: Sequence[tuple[Frontier, Optional[str]]] = (),
-           gate: Optional[list[Row]] = None, baseline: str = "") -> str:
+           gate: Optional[list[Row]] = None, baseline: str = "", studies: Sequence[str] = ()) -> str:
     """The whole report; `pivots` and `fronts` pair each with its plot file name (relative), or None;
-    `gate` the baseline comparison rows, if one was asked for."""
+    `gate` the baseline comparison rows, if one was asked for; `studies` the studies' own sections' lines."""
     lines = (_header(sel, generated) + _gate(gate, baseline) + _where(sel) + _runs_table(sel, limits) + _reused(sel)
-             + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + _per_class(sel) + _cpp(sel)
-             + _latency(sel, limits) + _counts(sel))
+             + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + list(studies)
+             + _per_class(sel) + _cpp(sel) + _latency(sel, limits) + _counts(sel))
     return "\n".join(lines) + "\n"

@@ -10,7 +10,11 @@ A measurement `latency/<stem>_<stat>` (stem e.g. `simulator_infer_ms`, `board_py
 - it was taken on a real board whose NPU, DDR or CPU frequency governor (tags `board.*_governor` from
   the doctor probe) is neither `performance` nor `userspace`: the clock was not pinned. Governors the probe
   could not read are not held against the run;
-- the iteration count or the cv was not recorded at all (it cannot be checked, so it is not trusted).
+- the iteration count or the cv was not recorded at all (it cannot be checked, so it is not trusted);
+- on a real board, the NPU or DDR clock sampled during the latency mode (`system/board_latency_{npu,ddr}_freq_mhz_
+  {min,max}`) moved: a floating governor or thermal throttling changed the clock under the measurement;
+- the runner's log had a librknnrt warning saying the run was not what its parameters say (tags
+  `rkbench.warning.*` in rkbench.device.runner_log.INVALIDATING, e.g. a core mask that fell back to auto).
 
 Iterations come from the metric `latency/<stem>_count` when logged, else from the run's `rkbench.measure`
 tag ("<where>: ..., N calls" for host and simulator, "latency: W warmup + N timed iterations of batch B in
@@ -23,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from rkbench.device.runner_log import INVALIDATING
 from rkbench.report.runs import RunRecord, latency_stem
 
 PINNED = ("performance", "userspace")
@@ -89,6 +94,16 @@ def validity(run: RunRecord, stem: Optional[str] = None, limits: Limits = Limits
             if loose:
                 reasons.append(f"{tag.removeprefix('board.')} {'/'.join(loose)}: clock not pinned "
                                "(set it to performance)")
+        for clock in ("npu", "ddr"):
+            low = run.metrics.get(f"system/board_latency_{clock}_freq_mhz_min")
+            high = run.metrics.get(f"system/board_latency_{clock}_freq_mhz_max")
+            if low is not None and high is not None and low < high:
+                reasons.append(f"{clock} clock moved {low:.0f}-{high:.0f} MHz while measuring (board.pin_freq=true "
+                               "pins it; a pinned clock that still drops is thermal throttling)")
+    for tag, why in INVALIDATING.items():
+        if tag in run.tags:
+            core_mask = run.params.get("core_mask")
+            reasons.append(f"{why}{f' (logged as core_mask={core_mask})' if core_mask else ''}: {run.tags[tag]}")
     return not reasons, reasons
 
 

@@ -29,11 +29,12 @@ from typing import Any, Callable, Optional
 from rkbench import metrics as M
 from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
+from rkbench.device import clocks, runner_log
 from rkbench.device.adb import AdbTransport
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
-from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs
+from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs, kill_runners
 from rkbench.device.toolkit_perf import toolkit_perf
-from rkbench.device.transport import Transport
+from rkbench.device.transport import BoardGone, Transport, wait_until_back
 from rkbench.errors import DeviceError
 from rkbench.stages import Artifact
 from rkbench.stages.evaluate import score
@@ -47,20 +48,56 @@ Record = Callable[[dict[str, float], dict[str, str]], None]
 PARTS = {"py": ("pre", "infer", "post", "total"), "cpp": ("inputs_set", "run", "outputs_get", "total"),
          # measure.cpp_zero_copy: the input copied into io memory, the outputs read out of it
          "cpp_zero_copy": ("input_copy", "run", "output_read", "total")}
-CPP_MODES = ("latency", "eval")
+CPP_MODES = ("latency", "eval", "throughput")
+# Why the C++ runner has no tiling mode (said on the run when tiling is asked with runner=cpp)
+CPP_NO_TILING = ("tiling: not run by the C++ runner: tiling cuts tiles out of decoded frames on the board, and the "
+                 "C++ runner takes only tensors the host prepared (no image codec on the board); runner=python "
+                 "measures it")
+# RKNN_QUERY_MEM_SIZE fields of the C++ runner's result -> memory/<where>_npu_<name>_mb
+CPP_MEMORY = {"weight_bytes": "weight", "internal_bytes": "internal", "dma_allocated_bytes": "dma_allocated",
+              "sram_total_bytes": "sram_total", "sram_free_bytes": "sram_free"}
 CPP_REPLAY = "replay stand-in (ONNX Runtime outputs recorded on the host for these input bytes), not librknnrt"
 
 # One adb transport per board per process: deploy remembers what it placed per transport object, so a
 # sweep checks and pushes each file once.
 _TRANSPORTS: dict[tuple, Transport] = {}
+# Boards that stayed away for board.reconnect_s, with why: the sweep's later configurations on them fail at
+# once with that reason instead of waiting again each.
+_GONE: dict[tuple, str] = {}
+
+
+def _board_key(run: RunConfig) -> tuple:
+    b = run.board
+    return (b.serial, b.address, b.adb_host, b.adb_port)
 
 
 def connect(run: RunConfig) -> Transport:
+    """The board's transport, its link checked: a board that dropped is waited for (backoff, at most
+    board.reconnect_s in all); one that stays away fails this and every later configuration on it."""
     b = run.board
-    key = (b.serial, b.address, b.adb_host, b.adb_port)
-    if key not in _TRANSPORTS:
-        _TRANSPORTS[key] = AdbTransport(b.serial, b.address, b.adb_host, b.adb_port)
-    return _TRANSPORTS[key]
+    key = _board_key(run)
+    if key in _GONE:
+        raise DeviceError(_GONE[key])
+    what = f"board {b.address or b.serial}"
+
+    def attempt(timeout_s: float) -> Transport:
+        if key not in _TRANSPORTS:
+            _TRANSPORTS[key] = AdbTransport(b.serial, b.address, b.adb_host, b.adb_port)
+        else:
+            _TRANSPORTS[key].reconnect(timeout_s)
+        return _TRANSPORTS[key]
+
+    try:
+        return wait_until_back(attempt, b.reconnect_s, what)
+    except BoardGone as exc:
+        raise _gone(key, exc) from exc
+
+
+def _gone(key: tuple, exc: BoardGone) -> BoardGone:
+    """Remember a board that stayed away; the error this and every later configuration on it fails with."""
+    _GONE[key] = (f"{exc} [since {time.strftime('%H:%M:%S')}: every later board configuration of this sweep fails "
+                  "with this reason, without waiting again]")
+    return BoardGone(_GONE[key])
 
 
 # ------------------------------------------------------------------------------------------------ probe
@@ -68,25 +105,26 @@ def connect(run: RunConfig) -> Transport:
 def blocking_findings(facts: BoardFacts, findings: list[Finding], runtime: str) -> list[Finding]:
     """What stops a run with this runtime. ONNX Runtime on the board's CPU does not touch the NPU stack,
     so SoC, librknnrt and toolkit versions only matter for rknnlite and the C++ runner (runtime "cpp"), which
-    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt."""
+    needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt.
+    The Python runner needs board.python with numpy and opencv (findings that need "python")."""
+    errors = [f for f in findings if f.level == "error"]
     if runtime == "cpp":
-        return [] if facts.emulated else [f for f in findings if f.level == "error" and "python3" not in f.what]
-    if runtime == "rknnlite":
-        found = [f for f in findings if f.level == "error"]
-        if facts.python is not None and facts.toolkit_lite2 is None:
-            found.append(Finding("error", "rknn-toolkit-lite2 is not installed for the board's python3",
-                                 "pip install the rknn_toolkit_lite2 wheel on the board, or set board.runtime=onnxruntime"))
-        return found
+        return [] if facts.emulated else [f for f in errors if f.needs != "python"]
+    found = errors if runtime == "rknnlite" else [f for f in errors if f.needs == "python"]
     if facts.python is None:
-        return [Finding("error", "no python3 on the board", "install python3 there or set board.python=/path/to/python3")]
-    if facts.onnxruntime is None:
-        return [Finding("error", "onnxruntime is not installed for the board's python3",
-                        "pip install onnxruntime on the board, or set board.runtime=rknnlite")]
-    return []
+        return found
+    engine = "rknn-toolkit-lite2" if runtime == "rknnlite" else "onnxruntime"
+    if (facts.toolkit_lite2 if runtime == "rknnlite" else facts.onnxruntime) is None:
+        other = "onnxruntime" if runtime == "rknnlite" else "rknnlite"
+        found.append(Finding("error", f"{engine} is not installed for the board's {facts.python_path} (board.python)",
+                             f"pip install {'the rknn_toolkit_lite2 wheel' if runtime == 'rknnlite' else engine} for "
+                             f"{facts.python_path} on the board, point board.python at a "
+                             f"Python that has it, or set board.runtime={other}", "python"))
+    return found
 
 
 def inspect_board(transport: Transport, run: RunConfig) -> tuple[BoardFacts, dict[str, str]]:
-    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root)
+    facts = probe(transport, host_toolkit_version(), remote_root=run.board.remote_root, python=run.board.python)
     findings = check(facts, expected_soc=run.platform)
     where = "emulator" if facts.emulated else "board"
     runtime = "librknnrt" if run.runner == "cpp" else run.board.runtime
@@ -119,9 +157,13 @@ def _system_metrics(result: dict[str, Any], mode: str, where: str) -> dict[str, 
     cpu = system.get("cpu_load") or {}
     if cpu.get("available"):
         out[M.system(where, mode, "cpu_load_pct")] = cpu["mean_pct"]
-    peak = (system.get("memory") or {}).get("peak_rss_mib")
-    if peak is not None:
-        out[M.system(where, mode, "peak_rss_mib")] = peak
+    memory = system.get("memory") or {}
+    for key in ("peak_rss_mib", "rss_mib_mean"):   # VmHWM at the end, VmRSS sampled (the runner's own pid)
+        if memory.get(key) is not None:
+            out[M.system(where, mode, key)] = memory[key]
+    for name, clock in (system.get("clocks") or {}).items():   # npu_freq_mhz_min, temp_soc_thermal_c_max, ...
+        for stat in ("min", "max"):
+            out[M.system(where, mode, f"{name}_{clock['unit'].lower()}_{stat}")] = float(clock[stat])
     return out
 
 
@@ -141,28 +183,34 @@ def mode_metrics(mode: str, result: dict[str, Any], where: str) -> dict[str, flo
     if mode == "latency" and runner_of(result) == "cpp":
         lat = result["latency"]
         out.update(_part_metrics(lat, where, runner="cpp", parts=parts_of(result)))
-        out[f"throughput/{where}_cpp_fps"] = float(lat["fps"])
+        out[f"throughput/{where}_cpp_single_fps"] = float(lat["fps"])
         out[f"latency/{where}_cpp_init_ms"] = float(lat["init"]["ms"])   # rknn_init + queries, once per run
+        if lat["batch"] > 1:   # an iteration's total per image of its batch
+            out.update(M.latency_stats(where, "cpp_frame", lat["frame"]))
     elif mode == "latency":
         lat = result["latency"]
         out.update(_part_metrics(lat, where))
         out[f"throughput/{where}_single_fps"] = float(lat["fps"])
     elif mode == "throughput":
         tp = result["throughput"]
-        out[f"throughput/{where}_fps"] = float(tp["fps"])
-        out[f"throughput/{where}_workers"] = float(len(tp["workers"]))
+        pool = f"{where}_cpp" if runner_of(result) == "cpp" else where   # the C++ pool beside the Python one
+        out[f"throughput/{pool}_fps"] = float(tp["fps"])
+        out[f"throughput/{pool}_workers"] = float(len(tp["workers"]))
         for k in ("p50", "p90"):
-            out[f"throughput/{where}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
+            out[f"throughput/{pool}_frame_ms_{k}"] = float(tp["frame_latency_ms"][k])
         share: dict[str, float] = {}
         for worker in tp["workers"]:
             share[worker["core_mask"]] = share.get(worker["core_mask"], 0.0) + float(worker["share"])
-        out.update({f"throughput/{where}_share_core{mask}": s for mask, s in share.items()})
+        out.update({f"throughput/{pool}_share_core{mask}": s for mask, s in share.items()})
     elif mode == "tiling":
         tl = result["tiling"]
         out[f"tiling/{where}_fps"] = float(tl["fps"])
         out["tiling/tiles_per_frame"] = float(tl["tiles_per_frame"])
         out.update({k: v for k, v in _part_metrics(tl, where, "tiling").items() if k.endswith(("_p50", "_mean"))})
     out.update(_system_metrics(result, mode, where))
+    memory = result.get("memory") or {}
+    if mode in ("latency", "throughput") and memory.get("reported"):   # the C++ runner's RKNN_QUERY_MEM_SIZE
+        out.update({f"memory/{where}_npu_{name}_mb": memory[key] / 2**20 for key, name in CPP_MEMORY.items()})
     return out
 
 
@@ -183,7 +231,8 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
         return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
-                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}")
+                f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}"
+                f"{', one rknn context per worker' if runner_of(result) == 'cpp' else ''}{_cpp_settings(result)}")
     tl = result["tiling"]
     return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
             f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
@@ -195,7 +244,10 @@ def _cpp_settings(result: dict[str, Any]) -> str:
         return ""
     runtime = result.get("runtime") or {}
     io = ", zero-copy io memory (rknn_create_mem + rknn_set_io_mem)" if runtime.get("zero_copy") else ""
-    return f", outputs {runtime.get('outputs', '?')}{io}"
+    through = ", pass-through input (quantised before the clock)" if runtime.get("pass_through") else ""
+    memory = result.get("memory") or {}
+    npu_memory = "" if memory.get("reported", True) else f", NPU memory not reported (rknn_query code {memory.get('code')})"
+    return f", outputs {runtime.get('outputs', '?')}{io}{through}{npu_memory}"
 
 
 def parts_of(result: dict[str, Any]) -> str:
@@ -224,30 +276,72 @@ def describe_runner(result: dict[str, Any], where: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+def keep_runner_log(session: BoardSession, mode: str, attach: Attach, tags: dict[str, str], record: Record) -> None:
+    """The runner's stdout and stderr as artifact board/<mode>.log; known librknnrt warnings as tags."""
+    if mode not in session.logs:   # the runner never answered (timeout, link lost)
+        return
+    text = session.logs[mode]
+    path = session.local_dir / f"{mode}.log"
+    path.write_text(text)
+    attach(path, "board")
+    found = {k: v for k, v in runner_log.warnings(mode, text).items() if k not in tags}
+    if found:
+        log.warning("runner %s: %s", mode, "; ".join(found.values()))
+        tags.update(found)
+        record({}, found)
+
+
+def restore_clocks(transport: Transport, pinned: clocks.Pinned) -> None:
+    """Governors back as they were; a failure here is logged, never hides the measurement's own error."""
+    try:
+        clocks.restore(transport, pinned)
+    except DeviceError as exc:
+        log.error("%s", exc)
+
+
+
 def runner_modes(run: RunConfig) -> tuple[list[str], list[str]]:
     """The measure.modes this runner does, and a one-line note for those it leaves to the Python runner: the
-    C++ runner does latency and eval; the rest of a runner=python,cpp sweep still runs on the Python side."""
+    C++ runner does latency, eval and throughput; tiling stays with the Python runner (CPP_NO_TILING)."""
     if run.runner != "cpp":
         return list(run.measure.modes), []
     modes = [m for m in run.measure.modes if m in CPP_MODES]
-    left = [m for m in run.measure.modes if m not in CPP_MODES]
     if not modes:
-        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner (latency, eval): add "
-                          "latency or eval, or use runner=python")
-    if not left:
+        raise DeviceError(f"measure.modes={run.measure.modes} has no mode of the C++ runner ({', '.join(CPP_MODES)}): "
+                          "add one, or use runner=python")
+    if "tiling" not in run.measure.modes:
         return modes, []
-    note = f"{', '.join(left)}: not run, the C++ runner does latency and eval only (runner=python measures them)"
-    log.warning(note)
-    return modes, [note]
+    log.warning(CPP_NO_TILING)
+    return modes, [CPP_NO_TILING]
 
 
 def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
                  cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     """Probe, deploy and measure one configuration on the board (see the module docstring). `rknn_art` is
-    None where the board runs the ONNX and no toolkit perf was asked for."""
+    None where the board runs the ONNX. With board.pin_freq the governors are
+    pinned first, so the probe's board.* tags show the clocks as measured, and restored however the measurement
+    ends (Ctrl-C too)."""
+    transport = connect(run)
+    try:
+        if not run.board.pin_freq:
+            return _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+        pinned = clocks.pin(transport)
+        record({}, {"board.pinned": pinned.describe()})
+        try:
+            metrics, tags = _on_board(run, transport, onnx, rknn_art, dataset, cache_root, attach, record)
+        finally:
+            restore_clocks(transport, pinned)
+        return metrics, dict(tags, **{"board.pinned": pinned.describe()})
+    except BoardGone as exc:   # waited board.reconnect_s while the runner's link was down: the board is away
+        raise _gone(_board_key(run), exc) from exc
+
+
+def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Optional[Artifact], dataset: Dataset,
+              cache_root: Path, attach: Attach, record: Record) -> tuple[dict[str, float], dict[str, str]]:
     from rkbench.spec import inference_spec
 
-    transport = connect(run)
+    # A runner left running by a configuration that lost its link (or a host process cut off) would share the NPU
+    kill_runners(transport, run.board.remote_root, "left over before this configuration")
     log.info("probing %s", transport.describe())
     facts, tags = inspect_board(transport, run)
     where = tags["rkbench.device_kind"]
@@ -284,11 +378,15 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     how: list[str] = []
     for mode in modes:
         log.info("measuring %s on the %s with the %s runner (%s)", mode, where, run.runner, tags["rkbench.runtime"])
-        result = session.run_mode(mode)
+        try:
+            result = session.run_mode(mode)
+        finally:   # the runner's log is kept whether the mode worked or not
+            keep_runner_log(session, mode, attach, tags, record)
         attach(session.local_dir / f"{mode}.json", "board")
         if mode == "eval":
             detections_file = session.local_dir / "eval.detections.json"
             found = score(dataset, json.loads(detections_file.read_text()), run.eval, "eval")
+            found.update(_system_metrics(result, mode, where))
             attach(detections_file, "detections")
         else:
             found = mode_metrics(mode, result, where)

@@ -47,8 +47,10 @@ def _watchdog() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("board")
+def workdir(tmp_path_factory, stage_cache: Path) -> Path:
+    path = tmp_path_factory.mktemp("board")
+    (path / "cache").symlink_to(stage_cache, target_is_directory=True)   # exports shared with the other board tests
+    return path
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def artifact_json(workdir: Path, run_id: str, path: str, dst: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def first_run(workdir: Path, adb_server, emulated_board: EmulatedBoard):
-    """One configuration with every mode (and toolkit_perf asked for, which the emulator must skip)."""
+    """One configuration with every mode (and toolkit_perf asked for, which collapses: this board runs the ONNX)."""
     emulated_board.faults = FaultPlan()
     argv = common(workdir, emulated_board, adb_server.port) + [f"resolution={RESOLUTION}", MODES, *SMALL,
                                                                "measure.toolkit_perf=true"]
@@ -106,7 +108,8 @@ def test_every_mode_runs_on_the_emulator_and_eval_matches_host_onnxruntime(first
     assert tags["rkbench.device_kind"] == "emulator" and tags["rkbench.runtime"] == "onnxruntime"
     assert tags["board.soc"] == "rk3588" and tags["board.emulated"] == "true" and tags["board.dmc"] == "true"
     assert "not NPU latency" in tags["rkbench.measure"]
-    assert tags["rkbench.toolkit_perf"].startswith("skipped")
+    # toolkit_perf profiles the .rknn, and this board runs the ONNX: collapsed, nothing converted
+    assert "measure.toolkit_perf" in tags["rkbench.collapsed"] and "convert/build_s" not in m
 
     for part in ("pre", "infer", "post", "total"):
         for stat in ("p50", "p90", "p99", "mean", "std", "min", "cv"):
@@ -127,7 +130,9 @@ def test_every_mode_runs_on_the_emulator_and_eval_matches_host_onnxruntime(first
     for mode in ("latency", "throughput", "tiling"):
         assert m[f"system/emulator_{mode}_peak_rss_mib"] > 10
         assert 0 <= m[f"system/emulator_{mode}_cpu_load_pct"] <= 100
-        assert f"system/emulator_{mode}_npu_load_pct" in m      # sampled from the board's debugfs node
+        assert f"system/emulator_{mode}_npu_load_pct" not in m   # no NPU, no load node: nothing fabricated
+        assert f"system/emulator_{mode}_npu_freq_mhz_max" in m      # emulated clocks, tagged as such
+    assert "board.kernel" not in tags and "stand-in" in tags["board.emulated_facts"]
     assert m["deploy/pushed"] >= 1
 
     latency = artifact_json(workdir, run.info.run_id, "board/latency.json", tmp_path)
@@ -217,13 +222,55 @@ def test_a_runner_that_never_answers_times_out_without_retry(first_run, workdir,
     assert quiet_board.fired["hang_shell"] == 1
 
 
+
+def test_board_that_stays_away_fails_the_rest_of_the_sweep_with_one_reason(first_run, workdir, adb_server, quiet_board,
+                                                                           monkeypatch):
+    """The board goes away while the first configuration's runner runs and stays away: that configuration
+    waits board.reconnect_s, the later ones fail at once with the same reason (not ~0.4 s each on a dead link)."""
+    monkeypatch.setattr(stage, "_GONE", {})
+    port = quiet_board.port
+
+    def stop_when_runner_starts() -> None:
+        while not any(any(a.endswith("runner.py") for a in (p.info["cmdline"] or []))
+                      and any(str(quiet_board.root) in a for a in (p.info["cmdline"] or []))
+                      for p in psutil.process_iter(["cmdline"])):
+            time.sleep(0.02)
+        quiet_board.stop()
+    watcher = threading.Thread(target=stop_when_runner_starts, daemon=True)
+    watcher.start()
+    argv = ["-m"] + common(workdir, quiet_board, adb_server.port) + [
+        f"resolution={RESOLUTION}", "measure.modes=[latency],[eval],[tiling]", *SMALL, "resume=false",
+        "board.reconnect_s=3"]
+    try:
+        with monkeypatch.context() as patch:
+            patch.chdir(workdir)
+            assert main(argv) == 1
+    finally:
+        watcher.join(timeout=30)
+        quiet_board.start()
+    assert quiet_board.port == port
+    parent = runs(workdir, "sweep")[-1]
+    children = [r for r in runs(workdir) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    first, *rest = children
+    assert [r.info.status for r in children] == ["FAILED"] * 3
+    assert "did not come back within board.reconnect_s=3s" in first.data.tags["rkbench.error"]
+    for later in rest:
+        error = later.data.tags["rkbench.error"]
+        assert "did not come back within board.reconnect_s=3s" in error and "without waiting again" in error
+        assert "\n" not in error
+        assert (later.info.end_time - later.info.start_time) / 1000 < (first.info.end_time - first.info.start_time) / 1000
+
+
 @pytest.fixture(scope="module")
 def runners_sweep(workdir: Path, adb_server, emulated_board: EmulatedBoard) -> dict:
     """`runner=python,cpp` on the emulated board: the Python runner with ONNX Runtime, the C++ runner on the
-    .rknn with the replay stand-in in place of librknnrt. Throughput is asked too: only Python measures it."""
+    .rknn with the replay stand-in in place of librknnrt, in batches of 2 (rknn_batch_size) with its input
+    handed over pass-through (settings that collapse on the Python child, which runs the ONNX). Throughput is
+    asked too: each runner measures its own worker pool."""
     emulated_board.faults = FaultPlan()
     argv = ["-m"] + common(workdir, emulated_board, adb_server.port) + [
-        f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL]
+        f"resolution={RESOLUTION}", "runner=python,cpp", "measure.modes=[latency,eval,throughput]", *SMALL,
+        "measure.cpp_pass_through=true", "batch=2"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
         assert main(argv) == 0
@@ -241,7 +288,10 @@ def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
     for part in ("inputs_set", "run", "outputs_get", "total"):
         for stat in ("p50", "p90", "p99", "mean", "min"):
             assert f"latency/emulator_cpp_{part}_ms_{stat}" in cpp.data.metrics, (part, stat)
-    assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0
+    assert cpp.data.metrics["throughput/emulator_cpp_fps"] > 0 and cpp.data.metrics["throughput/emulator_cpp_single_fps"] > 0
+    assert cpp.data.metrics["throughput/emulator_cpp_workers"] == 2   # measure.workers, one rknn context each
+    assert cpp.data.metrics["memory/emulator_npu_internal_mb"] > 0    # RKNN_QUERY_MEM_SIZE of the stand-in
+    assert "latency/emulator_cpp_frame_ms_p50" in cpp.data.metrics and "of batch 2" in cpp.data.tags["rkbench.measure"]
     assert not any("_py_" in k for k in cpp.data.metrics) and not any("_cpp_" in k for k in py.data.metrics)
     # the same host scoring of the same model outputs: the same mAP
     assert cpp.data.metrics["eval/map50_95"] == pytest.approx(py.data.metrics["eval/map50_95"], abs=0.001)
@@ -250,7 +300,8 @@ def test_python_and_cpp_runners_side_by_side(runners_sweep, workdir, tmp_path):
     assert tags["rkbench.runner"] == "cpp" and tags["rkbench.runtime"] == "librknnrt"
     assert tags["rkbench.cpp_engine"].startswith("replay stand-in (ONNX Runtime outputs recorded on the host")
     assert "not librknnrt" in tags["rkbench.cpp_engine"] and "not NPU latency" in tags["rkbench.measure"]
-    assert "throughput: not run, the C++ runner does latency and eval only" in tags["rkbench.measure"]
+    assert "throughput: 2 workers" in tags["rkbench.measure"] and "pass-through input" in tags["rkbench.measure"]
+    assert cpp.data.params["measure.cpp_pass_through"] == "True"
     assert "throughput/emulator_fps" in py.data.metrics and "throughput/emulator_fps" not in cpp.data.metrics
     assert py.data.tags["rkbench.runner"] == "python" and "rkbench.cpp_engine" not in py.data.tags
     latency = artifact_json(workdir, cpp.info.run_id, "board/latency.json", tmp_path)
@@ -274,6 +325,8 @@ def test_cpp_runner_without_librknnrt_fails_in_one_line(runners_sweep, workdir, 
     assert "cannot load /data/local/tmp/rkbench/nowhere/librknnrt.so" in error
     assert "install librknnrt.so on the board" in error
     assert run.data.tags["rkbench.cpp_engine"].startswith("replay stand-in")     # recorded before the failure
+    log = client(workdir).download_artifacts(run.info.run_id, "board/latency.log", str(workdir / "failed-log"))
+    assert "cannot load" in Path(log).read_text()                                # the runner's own words, kept
 
 
 def test_doctor_takes_the_sweeps_board_settings(adb_server, quiet_board, capsys):

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -36,12 +37,14 @@ EXPECTED = {
     "rknn_sdk_version": (512, {"api_version": 0, "drv_version": 256}),
     "rknn_input": (32, {"index": 0, "buf": 8, "size": 16, "pass_through": 20, "type": 24, "fmt": 28}),
     "rknn_output": (24, {"want_float": 0, "is_prealloc": 1, "index": 4, "buf": 8, "size": 16}),
+    "rknn_mem_size": (64, {"total_weight_size": 0, "total_internal_size": 4, "total_dma_allocated_size": 8,
+                           "total_sram_size": 16, "free_sram_size": 20, "reserved": 24}),
     "rknn_tensor_mem": (40, {"virt_addr": 0, "phys_addr": 8, "fd": 16, "offset": 20, "size": 24, "flags": 28,
                              "priv_data": 32}),
 }
 # Enum values from the same header.
 EXPECTED_ENUMS = {"RKNN_QUERY_IN_OUT_NUM": 0, "RKNN_QUERY_INPUT_ATTR": 1, "RKNN_QUERY_OUTPUT_ATTR": 2,
-                  "RKNN_QUERY_SDK_VERSION": 5, "RKNN_TENSOR_FLOAT32": 0, "RKNN_TENSOR_INT8": 2, "RKNN_TENSOR_UINT8": 3,
+                  "RKNN_QUERY_SDK_VERSION": 5, "RKNN_QUERY_MEM_SIZE": 6, "RKNN_TENSOR_FLOAT32": 0, "RKNN_TENSOR_INT8": 2, "RKNN_TENSOR_UINT8": 3,
                   "RKNN_TENSOR_NCHW": 0, "RKNN_TENSOR_NHWC": 1, "RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC": 2,
                   "RKNN_NPU_CORE_AUTO": 0, "RKNN_NPU_CORE_0": 1, "RKNN_NPU_CORE_1": 2, "RKNN_NPU_CORE_2": 4,
                   "RKNN_NPU_CORE_0_1": 3, "RKNN_NPU_CORE_0_1_2": 7, "RKNN_NPU_CORE_ALL": 0xFFFF}
@@ -117,7 +120,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
         items.append((100 + i, str(path)))
     inputs, tensors = cpp.prepare_inputs(root / "replay", items, SIZE)
     replay = cpp.write_replay(root / "replay", model, tensors)
-    return {"root": root, "model": model, "items": items, "inputs": inputs, "replay": replay}
+    return {"root": root, "model": model, "items": items, "inputs": inputs, "replay": replay, "tensors": tensors}
 
 
 def _spec(conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> InferenceSpec:
@@ -343,6 +346,189 @@ def test_null_mode_serves_zeros_for_any_input(x86, case, tmp_path: Path) -> None
                         tmp_path / "r.json", "--input", str(other))
     assert done.returncode == 0, done.stderr
     assert "NULL mode" in result["versions"]["librknnrt"] and result["latency"]["iterations"] >= 3
+    # and with zero-copy io memory (bench/bench_runner.py compares the two paths' overheads)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "zc.json", _spec(), zero_copy=True), "latency", model,
+                        tmp_path / "zc_out.json", "--input", str(other))
+    assert done.returncode == 0, done.stderr
+    assert result["latency"]["input_copy"]["count"] == result["latency"]["iterations"]
+
+
+# ------------------------------------------------------- threads, pass-through, batch, heads, NPU memory
+
+def _python_counts(case: dict, spec: InferenceSpec) -> dict:
+    """Detections per image id of the Python Detector (what each throughput frame must find too)."""
+    counts: dict = {}
+    for d in _python_detections(case, spec):
+        counts[d["image_id"]] = counts.get(d["image_id"], 0) + 1
+    return counts
+
+
+def test_throughput_one_context_per_worker(x86, case, tmp_path: Path) -> None:
+    from rkbench.stages.board import describe_mode, mode_metrics
+    from rkbench.config import RunConfig
+
+    runner, lib = x86
+    spec = _spec(0.3)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec, cores="0,1,2", frames=7), "throughput",
+                        case["replay"], tmp_path / "tp.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    tp = result["throughput"]
+    assert [w["core_mask"] for w in tp["workers"]] == ["0", "1", "2"] and result["runtime"]["core_masks"] == ["0", "1", "2"]
+    assert sum(w["frames"] for w in tp["workers"]) == tp["frames"] == 7 and tp["fps"] > 0
+    assert sum(w["share"] for w in tp["workers"]) == pytest.approx(1.0) and tp["frame_latency_ms"]["count"] == 7
+    # frame k is input k % 4: each finds what the Python Detector finds on that image
+    counts = _python_counts(case, spec)
+    ids = [item[0] for item in case["items"]]
+    assert tp["batch_detections"] == [counts.get(ids[k % 4], 0) for k in range(7)]
+    metrics = mode_metrics("throughput", result, "emulator")
+    assert metrics["throughput/emulator_cpp_fps"] == tp["fps"] and metrics["throughput/emulator_cpp_workers"] == 3
+    assert "throughput/emulator_fps" not in metrics   # the Python pool's name stays the Python runner's
+    assert sum(metrics[f"throughput/emulator_cpp_share_core{c}"] for c in "012") == pytest.approx(1.0)
+    assert describe_mode("throughput", result, RunConfig()).startswith("throughput: 3 workers (core masks 0,1,2)")
+    # a worker whose core mask the library refuses: named, one line
+    done, result = _run(runner, lib, _write_spec(tmp_path / "bad.json", spec, cores="0,7"), "throughput",
+                        case["replay"], tmp_path / "bad_tp.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "core_mask 7 unknown" in done.stderr.strip().splitlines()[-1]
+
+
+def test_pass_through_replays_only_the_recorded_npu_bytes(x86, case, tmp_path: Path) -> None:
+    runner, lib = x86
+    spec = _spec()
+    # recorded without the pass-through tensors: the stand-in, like the NPU it replays, has no outputs for them
+    done, _ = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec, pass_through=True), "eval", case["replay"],
+                   tmp_path / "no.json", "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "no recorded outputs" in done.stderr
+    replay = cpp.write_replay(tmp_path / "pt", case["model"], case["tensors"], pass_through=True)
+    assert "int8 nhwc -128 " in replay.read_text()   # the input attr of an int8 .rknn: zp -128, scale 1/255
+    assert cpp.pass_through_bytes(np.array([[[[0, 128, 255]]]], np.uint8)) == bytes([0x80, 0x00, 0x7F])
+    theirs = _python_detections(case, spec)
+    for zero_copy in (False, True):
+        done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec, pass_through=True, zero_copy=zero_copy),
+                            "eval", replay, tmp_path / f"pt_{zero_copy}.json", "--inputs", str(case["inputs"]))
+        assert done.returncode == 0, done.stderr
+        assert result["runtime"]["pass_through"] is True
+        _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()), theirs)
+    from rkbench.config import RunConfig
+    from rkbench.stages.board import describe_mode
+
+    assert "pass-through input" in describe_mode("eval", result, RunConfig())
+    # another normalisation (another zp / scale): the runner's float32 steps still give the host's bytes exactly,
+    # or the stand-in would find no recorded outputs for them
+    mean, std = (10.0, 20.0, 30.0), (50.0, 60.0, 70.0)
+    other = cpp.write_replay(tmp_path / "pt_norm", case["model"], case["tensors"], mean, std, pass_through=True)
+    zp, scale = cpp.input_quantisation(mean, std)
+    assert f"int8 nhwc {zp} {scale!r}" in other.read_text() and (zp, scale) != (-128, np.float32(1 / 255))
+    done, result = _run(runner, lib, _write_spec(tmp_path / "norm.json", replace(spec, mean=mean, std=std),
+                                                 pass_through=True), "eval", other, tmp_path / "norm_out.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    assert result["eval"]["images"] == 4 and result["eval"]["detections"] > 0
+
+
+def test_batch_eval_and_latency_per_frame(x86, case, tmp_path: Path) -> None:
+    from rkbench.stages.board import mode_metrics
+
+    runner, lib = x86
+    spec = replace(_spec(), batch=3)   # 4 images: a full batch, then one padded with its last image
+    replay = cpp.write_replay(tmp_path / "b3", case["model"], case["tensors"], batch=3)
+    assert "input images 4 3 " in replay.read_text()
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", replay, tmp_path / "ev.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    assert result["eval"]["batch"] == 3 and result["eval"]["run"]["count"] == 2 and result["eval"]["images"] == 4
+    _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
+                            _python_detections(case, _spec()))
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "latency", replay, tmp_path / "lat.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    lat = result["latency"]
+    assert lat["per"] == "iteration of batch 3" and lat["frame"]["count"] == lat["iterations"]
+    assert lat["frame"]["p50"] == pytest.approx(lat["total"]["p50"] / 3, rel=1e-9)
+    assert "latency/emulator_cpp_frame_ms_p50" in mode_metrics("latency", result, "emulator")
+    # a spec whose batch the model does not take: one line naming rknn_batch_size
+    done, _ = _run(runner, lib, _write_spec(tmp_path / "one.json", _spec()), "latency", replay, tmp_path / "x.json",
+                   "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "rknn_batch_size" in done.stderr.strip().splitlines()[-1]
+
+
+def test_tiling_stays_with_the_python_runner_said_in_one_line() -> None:
+    from rkbench.config import BoardConfig, MeasureConfig, RunConfig
+    from rkbench.errors import DeviceError
+    from rkbench.stages.board import CPP_NO_TILING, runner_modes
+
+    def run(*modes: str) -> RunConfig:
+        return RunConfig(target="board", runner="cpp", board=BoardConfig(address="1.2.3.4:5555"),
+                         measure=MeasureConfig(modes=list(modes)))
+
+    assert runner_modes(run("latency", "throughput", "tiling")) == (["latency", "throughput"], [CPP_NO_TILING])
+    assert runner_modes(run("eval", "throughput")) == (["eval", "throughput"], [])
+    with pytest.raises(DeviceError, match="no mode of the C\\+\\+ runner .*use runner=python"):
+        runner_modes(run("tiling"))
+
+
+def _head_model(path: Path, head: str, na: int = 3) -> Path:
+    """A tiny ONNX with the official head ([1, 4+nc, anchors]: xywh pixels, sigmoid scores) or raw YOLOv5
+    convs ([1, na*(5+nc), H, W] per stride); each cell sees the average colour of its patch."""
+    from onnx import TensorProto, helper, numpy_helper
+    import onnx
+
+    rng = np.random.default_rng(3)
+    nodes, inits, outputs = [], [], []
+    const = lambda name, v: inits.append(numpy_helper.from_array(np.asarray(v, np.float32), name))  # noqa: E731
+    for s in ((8, 16, 32) if head == "yolov5" else (8,)):
+        h = SIZE // s
+        nodes.append(helper.make_node("AveragePool", ["images"], [f"p{s}"], kernel_shape=[s, s], strides=[s, s]))
+        ch = na * (5 + CLASSES) if head == "yolov5" else 4 + CLASSES
+        const(f"w{s}", rng.normal(0, 3.0, (ch, 3, 1, 1)))
+        const(f"b{s}", rng.normal(0, 1.0, (ch,)))
+        if head == "yolov5":
+            nodes.append(helper.make_node("Conv", [f"p{s}", f"w{s}", f"b{s}"], [f"out{s}"]))
+            outputs.append(helper.make_tensor_value_info(f"out{s}", TensorProto.FLOAT, ["n", ch, h, h]))
+            continue
+        const("gain", np.array([SIZE, SIZE, SIZE / 2, SIZE / 2] + [1] * CLASSES).reshape(1, -1, 1, 1))
+        inits.append(numpy_helper.from_array(np.array([1, 4 + CLASSES, h * h], np.int64), "shape"))
+        nodes += [helper.make_node("Conv", [f"p{s}", f"w{s}", f"b{s}"], ["logits"]),
+                  helper.make_node("Sigmoid", ["logits"], ["sig"]), helper.make_node("Mul", ["sig", "gain"], ["scaled"]),
+                  helper.make_node("Reshape", ["scaled", "shape"], ["output0"])]
+        outputs.append(helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 4 + CLASSES, h * h]))
+    graph = helper.make_graph(nodes, head, [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                          ["n", 3, SIZE, SIZE])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("head", ["ultralytics", "yolov5"])
+def test_official_and_yolov5_heads_decode_like_python(x86, case, tmp_path: Path, head) -> None:
+    runner, lib = x86
+    model = _head_model(tmp_path / f"{head}.onnx", head)
+    anchors = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326)) if head == "yolov5" else ()
+    spec = replace(_spec(0.05, 0.5), head=head, anchors=anchors)
+    replay = cpp.write_replay(tmp_path / head, model, case["tensors"])
+    done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", replay, tmp_path / "ev.json",
+                        "--inputs", str(case["inputs"]))
+    assert done.returncode == 0, done.stderr
+    _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
+                            _python_detections(dict(case, model=model), spec))
+
+
+def test_npu_memory_is_what_the_stand_in_allocated(x86, case, tmp_path: Path) -> None:
+    from rkbench.stages.board import mode_metrics
+
+    runner, lib = x86
+    out_bytes = 4 * sum(int(np.prod(list(map(int, ln.split()[3:3 + int(ln.split()[2])]))))
+                        for ln in case["replay"].read_text().splitlines() if ln.startswith("output"))
+    for zero_copy, io in ((False, 0), (True, SIZE * SIZE * 3 + out_bytes)):
+        done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", _spec(), zero_copy=zero_copy), "latency",
+                            case["replay"], tmp_path / "lat.json", "--inputs", str(case["inputs"]))
+        assert done.returncode == 0, done.stderr
+        mem = result["memory"]
+        assert mem["reported"] is True and "stand-in" in mem["by"]
+        assert (mem["weight_bytes"], mem["internal_bytes"], mem["sram_total_bytes"]) == (0, out_bytes, 0)
+        assert mem["dma_allocated_bytes"] == out_bytes + io
+    metrics = mode_metrics("latency", result, "emulator")
+    assert metrics["memory/emulator_npu_internal_mb"] == out_bytes / 2**20
 
 
 # ----------------------------------------------------------------------------------------- aarch64
@@ -372,6 +558,13 @@ def test_aarch64_build_runs_under_qemu(x86, case, build_cache: Path, tmp_path: P
         assert result["runtime"]["zero_copy"] is zero_copy
         _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()),
                                 _python_detections(case, spec))
+    # threads and pass-through bytes on the board's architecture: two contexts, the frames found as on x86_64
+    replay = cpp.write_replay(tmp_path / "pt", case["model"], case["tensors"], pass_through=True)
+    done, result = _run(runner, lib, _write_spec(tmp_path / "tp.json", spec, cores="0,1", frames=5, pass_through=True),
+                        "throughput", replay, tmp_path / "tp_out.json", "--inputs", str(case["inputs"]), prefix=prefix)
+    assert done.returncode == 0, done.stderr
+    counts, ids = _python_counts(case, spec), [item[0] for item in case["items"]]
+    assert result["throughput"]["batch_detections"] == [counts.get(ids[k % 4], 0) for k in range(5)]
 
 
 def test_build_command_prints_the_cached_binary(x86, build_cache: Path, capsys: pytest.CaptureFixture) -> None:

@@ -69,6 +69,12 @@ def test_cpp_measure_settings_apply_only_to_the_cpp_runner_on_a_board(dataset):
     assert measure["outputs"] == "int8" and measure["zero_copy"] is False
     zero_copy = plan(RunConfig(target="board", board=board, measure=MeasureConfig(cpp_zero_copy=True)))
     assert zero_copy.config.measure.cpp_zero_copy is False and "measure.cpp_zero_copy" in zero_copy.collapsed
+    through = MeasureConfig(cpp_pass_through=True)
+    assert "measure.cpp_pass_through" in plan(RunConfig(target="board", board=board, measure=through)).collapsed
+    through_cpp = plan(RunConfig(target="board", runner="cpp", board=board, measure=through))
+    assert through_cpp.config.measure.cpp_pass_through is True and not through_cpp.collapsed
+    assert key(through_cpp.config, dataset) != key(replace(through_cpp.config, measure=MeasureConfig()), dataset)
+    assert json.loads(spec_file(through_cpp.config, spec))["measure"]["pass_through"] is True
     assert "outputs" not in json.loads(spec_file(python.config, spec))["measure"]   # the Python runner's file as before
 
 

@@ -10,9 +10,11 @@ board, this one included, through rkbench/device/adb.py and never imports this p
 
 Modules, from the socket up:
 - wire.py   adb packets (CNXN/OPEN/OKAY/WRTE/CLSE), one connection per adb server, flow-controlled streams
-- shell.py  the legacy `shell:` service: commands in the sandbox, output streamed back, kill on close
+- shell.py  the legacy `shell:` service: commands in the sandbox, output streamed back, SIGHUP to the
+            shell (only) on close, as adbd
 - sync.py   the `sync:` service: STAT, LIST, SEND, RECV, QUIT on sandbox paths
-- tree.py   the board's files: device tree, debugfs, devfreq, cpufreq, librknnrt / rknn_server stand-ins
+- tree.py   the board's files: device tree, debugfs, devfreq, cpufreq, thermal, librknnrt / rknn_server stand-ins;
+            EmulatedClocks: frequencies that follow the governors, temperatures that follow the load
 - faults.py FaultPlan: dropped links, killed or hung commands, truncated pulls, a full disk
 - board.py  EmulatedBoard: the listener, the banner, service dispatch, fault bookkeeping
 The board-path <-> sandbox mapping is rkbench/device/sandbox.py, shared with LocalTransport.

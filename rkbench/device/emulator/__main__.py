@@ -22,11 +22,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--soc", default="rk3588", choices=sorted(SOCS))
     parser.add_argument("--librknnrt-version", default="2.3.0")
     parser.add_argument("--no-dmc", action="store_true", help="leave out /sys/class/devfreq/dmc (eval_perf trap)")
+    parser.add_argument("--npu-devfreq", default=None,
+                        help="the NPU's devfreq node: the SoC's <addr>.npu (default), devfreq0, or scmi (no node)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
     board = EmulatedBoard(args.root, args.soc, args.port, host=args.host,
-                          librknnrt_version=args.librknnrt_version, dmc=not args.no_dmc)
+                          librknnrt_version=args.librknnrt_version, dmc=not args.no_dmc, npu_devfreq=args.npu_devfreq)
     board.start()
     print(f"emulated {args.soc} board listening; connect with: adb connect {board.serial}", flush=True)
     try:

@@ -18,7 +18,7 @@ from typing import Optional
 from rkbench.device.emulator.faults import FaultPlan
 from rkbench.device.emulator.shell import serve_shell
 from rkbench.device.emulator.sync import serve_sync
-from rkbench.device.emulator.tree import make_board_tree
+from rkbench.device.emulator.tree import EmulatedClocks, make_board_tree
 from rkbench.device.emulator.wire import Connection, Handler
 
 log = logging.getLogger("rkbench.emulator")
@@ -32,8 +32,10 @@ class EmulatedBoard:
     """A board on 127.0.0.1:PORT speaking adb. `with EmulatedBoard(root) as board: board.serial`."""
 
     def __init__(self, root: Path, soc: str = "rk3588", port: int = 0, faults: Optional[FaultPlan] = None, *,
-                 host: str = "127.0.0.1", librknnrt_version: str = "2.3.0", dmc: bool = True):
-        self.fs = make_board_tree(Path(root), soc, librknnrt_version=librknnrt_version, dmc=dmc)
+                 host: str = "127.0.0.1", librknnrt_version: str = "2.3.0", dmc: bool = True,
+                 npu_devfreq: Optional[str] = None):
+        self.fs = make_board_tree(Path(root), soc, librknnrt_version=librknnrt_version, dmc=dmc, npu_devfreq=npu_devfreq)
+        self.clocks = EmulatedClocks(self.fs.root)   # frequencies follow the governors, temperatures the load
         self.root = self.fs.root
         self.soc = soc
         self.faults = faults or FaultPlan()
@@ -66,6 +68,7 @@ class EmulatedBoard:
         listener.settimeout(0.5)
         self._listener = listener
         self._port = listener.getsockname()[1]
+        self.clocks.start()
         thread = threading.Thread(target=self._accept_loop, daemon=True, name="emu-accept")
         thread.start()
         self._threads.append(thread)
@@ -78,6 +81,7 @@ class EmulatedBoard:
             listener.close()
         self.drop_connections()
         self._connections.clear()
+        self.clocks.stop()
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads.clear()
