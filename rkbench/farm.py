@@ -45,6 +45,7 @@ class Board:
     transport: str = "adb"
     adb_host: str = "127.0.0.1"  # the adb server this host talks through
     adb_port: int = 5037
+    reconnect_s: float = 10.0    # a dropped board: wait this long before the farm drains it (other boards can take the run)
 
     @property
     def resource(self) -> str:
@@ -52,7 +53,8 @@ class Board:
 
     def overrides(self) -> list[str]:
         """What a job needs to reach this board (board.* keys of the run config)."""
-        return [f"board.address={self.address}", f"board.adb_host={self.adb_host}", f"board.adb_port={self.adb_port}"]
+        return [f"board.address={self.address}", f"board.adb_host={self.adb_host}", f"board.adb_port={self.adb_port}",
+                f"board.reconnect_s={self.reconnect_s:g}"]
 
     def reachable(self, timeout_s: float = 3.0) -> bool:
         """The board's adbd accepts TCP: a board that dropped (power, cable, crash) does not."""
@@ -83,10 +85,10 @@ def load_farm(name: str, conf_dir: Path = CONF_DIR) -> Farm:
 
 
 def farm_from(data: dict, name: str) -> Farm:
-    """An inventory: `boards:` (name, soc, address; transport, adb_host, adb_port), and defaults for them."""
+    """An inventory: `boards:` (name, soc, address; transport, adb_host, adb_port, reconnect_s), and defaults for them."""
     from rkbench.config import toolkit_platforms
 
-    defaults = {k: v for k, v in data.items() if k in ("transport", "adb_host", "adb_port")}
+    defaults = {k: v for k, v in data.items() if k in ("transport", "adb_host", "adb_port", "reconnect_s")}
     boards = []
     for i, entry in enumerate(data.get("boards") or []):
         try:

@@ -85,7 +85,7 @@ def test_doctor_checks_every_board_of_the_farm_at_once(boards, adb_server, unuse
 def test_sweep_on_a_farm_of_emulated_boards_survives_a_board_that_drops(boards, adb_server, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "conf" / "farm").mkdir(parents=True)
-    (tmp_path / "conf" / "farm" / "emulated.yaml").write_text(yaml.safe_dump({"adb_port": adb_server.port, "boards": [
+    (tmp_path / "conf" / "farm" / "emulated.yaml").write_text(yaml.safe_dump({"adb_port": adb_server.port, "reconnect_s": 2, "boards": [
         {"name": name, "soc": soc, "address": boards[name].serial} for name, soc in BOARDS]}))
     studies = tmp_path / "conf" / "experiment"
     studies.mkdir(parents=True)
@@ -159,7 +159,8 @@ def test_inventory_is_checked_and_becomes_ray_resources():
 
     lab = load_farm("lab")
     assert lab.resources() == {"board:rk3588": 2.0, "board:rk3566": 1.0}
-    assert lab.boards[0].overrides() == ["board.address=192.168.1.50:5555", "board.adb_host=127.0.0.1", "board.adb_port=5037"]
+    assert lab.boards[0].overrides() == ["board.address=192.168.1.50:5555", "board.adb_host=127.0.0.1", "board.adb_port=5037",
+                                         "board.reconnect_s=10"]
     with pytest.raises(ConfigError, match="soc=rk9999 is not an rknn-toolkit2 platform"):
         farm_from({"boards": [{"name": "x", "soc": "rk9999", "address": "h:1"}]}, "t")
     with pytest.raises(ConfigError, match="unique names"):
