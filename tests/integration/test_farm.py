@@ -8,8 +8,8 @@ refused by preflight): each is a `+experiment=` file of a search path written by
 from __future__ import annotations
 
 import json
+import re
 import threading
-from collections import Counter
 from typing import Iterator
 
 import pytest
@@ -43,17 +43,19 @@ def boards(tmp_path_factory) -> Iterator[dict[str, EmulatedBoard]]:
 
 
 def _pull_at_second_eval(boards: dict[str, EmulatedBoard]) -> list[str]:
-    """The first rk3588 board asked to run eval for a second configuration goes away right then (listener
-    closed, links dropped), after that configuration's latency was measured on it: a board lost mid-run."""
+    """The first rk3588 board asked to run eval for a second configuration (another spec file; a retried
+    eval of the same one does not count) goes away right then (listener closed, links dropped), after that
+    configuration's latency was measured on it: a board lost mid-run."""
     killed: list[str] = []
     lock = threading.Lock()
-    evals: Counter[str] = Counter()
+    specs: dict[str, set[str]] = {name: set() for name in boards}
     for name, board in boards.items():
         def service(command: str, name: str = name, board: EmulatedBoard = board, serve=board.service):
-            if name.startswith("rk3588") and command.startswith("shell:") and "--mode eval" in command:
+            spec = re.search(r"--spec (\S+)", command)
+            if name.startswith("rk3588") and command.startswith("shell:") and "--mode eval" in command and spec:
                 with lock:
-                    evals[name] += 1
-                    pull = evals[name] == 2 and not killed
+                    specs[name].add(spec[1])
+                    pull = len(specs[name]) == 2 and not killed
                     if pull:
                         killed.append(name)
                 if pull:
