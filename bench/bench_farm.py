@@ -147,7 +147,7 @@ def farm_model(work: Path) -> None:
           f"(measured {wall:.1f} s)")
     # every configuration of a real sweep converts its own model: a job = the board part of a job that found
     # its .rknn in the cache + a conversion as measured here
-    board = min(j["seconds"] for j in jobs if not j["converted"])
+    board = min(j["seconds"] for j in jobs if not j["converted"] and j["soc"] == "rk3588")
     convert = max(j["convert_s"] for j in jobs)
     job = [("rk3588", board + convert)]
     sizes = (6, 24, 96, 384)
@@ -157,7 +157,7 @@ def farm_model(work: Path) -> None:
     for n in (1, 2, 4, 8, 16):
         slots = {n: "1 per board", os.cpu_count() or 2: "this host"}
         if n == (os.cpu_count() or 2):
-            slots[n] = "1 per board = this host"
+            slots[n] = "both"
         for cpus, label in sorted(slots.items()):
             row = [model(fixed, job, {"rk3588": n}, m, cpus) / 60 for m in sizes]
             print(f"  {n:>2} x {cpus:<3} ({label})".ljust(28) + "".join(f"{w:<11.2f}" for w in row))
