@@ -95,6 +95,10 @@ def preflight(argv: list[str]) -> tuple[list[RunConfig], str, list[str], Optiona
     except HydraException as exc:
         raise RkbenchError(checks.hydra_message(exc)) from None
     checks.check_runs(configs)
+    on_ray = _is_multirun(argv) and "hydra/launcher=ray" in argv
+    if not on_ray and any(r.farm and r.target == "board" and not (r.board.address or r.board.serial) for r in configs):
+        raise RkbenchError("farm=... hands out its boards only to a sweep on Ray: add `-m hydra/launcher=ray`, or "
+                           "name one board with board.address=IP:5555")
     return configs, out_dir, swept, trials
 
 
@@ -295,6 +299,7 @@ def usage() -> str:
         *lines,
         "",
         f"Groups: model={choices('model')}  dataset={choices('dataset')}  studies: +experiment={choices('experiment')}",
+        f"Sweeps on Ray: -m hydra/launcher=ray; board farms: farm={choices('farm')} (python -m rkbench doctor farm=<name>)",
         "MLflow: tracking.uri=..., else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; tracking.experiment=rkbench",
         "",
         "Examples:",

@@ -174,6 +174,7 @@ class RunConfig:
     cache_dir: str = ".rkbench_cache"
     resume: bool = True                     # skip configurations already FINISHED in MLflow
     study: str = "default"
+    farm: Optional[dict[str, Any]] = None   # board inventory, farm=<name>: conf/farm/<name>.yaml (hydra/launcher=ray)
 
 
 def register() -> None:
@@ -330,8 +331,9 @@ def validate(run: RunConfig) -> None:
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
 
-    if run.target == "board" and not (run.board.serial or run.board.address):
-        raise ConfigError("target=board needs board.serial=<adb serial> or board.address=IP:5555")
+    if run.target == "board" and not (run.board.serial or run.board.address or run.farm):
+        raise ConfigError("target=board needs board.serial=<adb serial>, board.address=IP:5555 or farm=<inventory> "
+                          "with hydra/launcher=ray")
     for mode in run.measure.modes:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)

@@ -32,14 +32,15 @@ from rkbench.models.detect import InferenceSpec
 # every earlier run then stops matching and is measured again.
 MEASUREMENT_VERSION = 3
 
-# Keys that say where results go or how long to wait, not what is measured.
-NON_SEMANTIC = ("tracking.", "search.", "cache_dir", "resume", "study", "board.adb_host", "board.adb_port",
-                "board.timeout_s", "board.reconnect_s")
+# Keys that say where results go, how long to wait or how the board is reached (adb or ssh, the ssh login),
+# not what is measured.
+NON_SEMANTIC = ("tracking.", "search.", "cache_dir", "resume", "study", "farm", "board.adb_host", "board.adb_port",
+                "board.timeout_s", "board.reconnect_s", "board.transport", "board.ssh_")
+# Keys the Ray launcher sets per job on a farm: boards of one SoC are interchangeable there, so the board
+# that measured a run is its tag rkbench.board, and a resumed farm sweep reuses it whichever board is free.
+FARM_ASSIGNED = ("board.address", "board.serial")
 # Tool versions that shape the numbers of any run.
 VERSIONED = ("onnx", "onnxruntime", "onnxslim", "torch", "ultralytics", "numpy", "pycocotools", "opencv-python")
-
-# How the board is reached (adb or ssh, the ssh login) is not what it measures either.
-NON_SEMANTIC += ("board.transport", "board.ssh_")
 
 
 def uses_rknn(run: RunConfig) -> bool:
@@ -170,7 +171,8 @@ class Identity:
 
 def identity(plan_: RunPlan, dataset: Dataset) -> Identity:
     run = plan_.config
-    settings = {k: v for k, v in flatten(run).items() if not k.startswith(NON_SEMANTIC)}
+    ignored = NON_SEMANTIC + (FARM_ASSIGNED if run.farm else ())
+    settings = {k: v for k, v in flatten(run).items() if not k.startswith(ignored)}
     inputs = input_hashes(run, dataset)
     versions = _versions(run)
     blob = json.dumps({"settings": settings, "inputs": inputs, "versions": versions,

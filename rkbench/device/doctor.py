@@ -381,7 +381,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--python", default="python3", help="the board's Python for the runner (board.python)")
     parser.add_argument("--platform", help="SoC the models are built for (e.g. rk3588)")
     parser.add_argument("--host-toolkit", default=None, help="rknn-toolkit2 version (default: the installed one)")
-    args = parser.parse_args(hydra_style(list(sys.argv[1:] if argv is None else argv), parser))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    farm = [a.split("=", 1)[1] for a in argv if a.startswith("farm=")]
+    if farm:   # every board of an inventory at once (rkbench/farm.py)
+        from rkbench.errors import ConfigError
+        from rkbench.farm import doctor as farm_doctor
+        try:
+            return farm_doctor(farm[0])
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(hydra_style(argv, parser))
     try:
         from rkbench.config import BoardConfig
         transport = open_transport(BoardConfig(
