@@ -59,6 +59,8 @@ class DatasetConfig:
     images: Optional[str] = None            # coco: image folder
     split: str = "val"
     limit: Optional[int] = None             # first N images (sorted by id); None = all
+    frame: Optional[list[int]] = None       # demo: W, H of generated large frames instead of the demo images (tiling)
+    frames: int = 8                         # demo with frame: how many frames
 
 
 @dataclass
@@ -78,6 +80,8 @@ class EvalConfig:
 
 
 BOARD_MODES = ("latency", "eval", "throughput", "tiling")
+TILE_MODES = ("native", "resized")
+TILE_SOURCES = ("synthetic", "dataset")
 
 
 @dataclass
@@ -91,6 +95,9 @@ class MeasureConfig:
     frames: int = 30                        # throughput / tiling: frames to push through
     tile_frame: list[int] = field(default_factory=lambda: [1920, 1080])   # tiling mode: frame W, H
     tile_overlap: float = 0.2
+    tile_mode: str = "native"               # tiling: native (overlapping model-size tiles) | resized (a grid, letterboxed)
+    tile_grid: list[int] = field(default_factory=lambda: [2, 2])   # tiling, tile_mode=resized: columns, rows
+    tile_source: str = "synthetic"          # tiling: synthetic (one frame of tile_frame) | dataset (its images, scored)
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
     cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
@@ -274,6 +281,9 @@ def validate(run: RunConfig) -> None:
         _must_exist(key, value)
     if d.kind == "yolo":
         _must_exist("dataset.root", d.root)
+    if d.frame is not None and (d.kind != "demo" or len(d.frame) != 2 or min(d.frame) < 32 or d.frames < 1):
+        raise ConfigError(f"dataset.frame={d.frame}: only the demo dataset renders frames; give [width, height] (>= 32) "
+                          "and dataset.frames >= 1")
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
 
@@ -283,6 +293,10 @@ def validate(run: RunConfig) -> None:
         _choice("measure.modes", mode, BOARD_MODES)
     _choice("board.runtime", run.board.runtime, BOARD_RUNTIMES)
     _choice("measure.cpp_outputs", run.measure.cpp_outputs, CPP_OUTPUTS)
+    _choice("measure.tile_mode", run.measure.tile_mode, TILE_MODES)
+    _choice("measure.tile_source", run.measure.tile_source, TILE_SOURCES)
+    if len(run.measure.tile_grid) != 2 or min(run.measure.tile_grid) < 1:
+        raise ConfigError(f"measure.tile_grid={run.measure.tile_grid}: give [columns, rows], each >= 1, e.g. [2, 2]")
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:

@@ -42,7 +42,9 @@ GROUPS = {g.name: g for g in (
           "name"),
     Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_fps), a worker "
           "pool (<where>_fps), frame latency and per-core share", "name"),
-    Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
+    Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times; with "
+          "measure.tile_source=dataset the COCO metrics of the merged detections (tiling/map50_95, ...) on the run's "
+          "device kind", "name"),
     Group("system", "NPU load per core, CPU load and peak RSS while a board mode ran: system/<where>_<mode>_<what>",
           "name"),
     Group("memory", "rknn-toolkit2 eval_memory: weight / internal / other / total MiB", "board"),

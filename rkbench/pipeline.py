@@ -88,6 +88,10 @@ def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
 def _load(cfg: DatasetConfig, cache_root: Path) -> Dataset:
     if cfg.kind == "demo":
         from rkbench.data.demo import demo_dataset
+        if cfg.frame:   # large frames (the tiling study): their own folder, so the demo images stay as they are
+            w, h = cfg.frame
+            root = Path(cfg.root) if cfg.root else cache_root / "datasets" / f"demo_frames_{w}x{h}"
+            return demo_dataset(root, n_val=cfg.frames, limit=cfg.limit, frame=(w, h))
         return demo_dataset(Path(cfg.root) if cfg.root else cache_root / "datasets" / "demo", limit=cfg.limit)
     if cfg.kind == "coco":
         return load_coco(resolve_path(cfg.annotations), resolve_path(cfg.images), cfg.limit)

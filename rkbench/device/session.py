@@ -99,7 +99,8 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
     m = run.measure
     width, height = m.tile_frame
     measure = {"warmup": m.warmup, "iterations": m.iterations, "min_seconds": m.min_seconds, "frames": m.frames,
-               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap}
+               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap,
+               "tile_mode": m.tile_mode, "tile_grid": "x".join(map(str, m.tile_grid))}
     if run.runner == "cpp":   # the C++ runner's own settings (the Python runner never sees them)
         measure["outputs"] = m.cpp_outputs
         measure["zero_copy"] = bool(m.cpp_zero_copy)
@@ -250,7 +251,9 @@ class BoardSession:
             args += ["--images", d.images, "--detections", detections]
         elif mode in ("latency", "throughput"):
             args += ["--images", d.images]
-        return args   # tiling: a synthetic frame of measure.tile_frame
+        elif mode == "tiling" and self.run.measure.tile_source == "dataset":   # each image tiled, detections scored
+            args += ["--images", d.images, "--detections", detections]
+        return args   # tiling otherwise: a synthetic frame of measure.tile_frame
 
     def run_mode(self, mode: str) -> dict[str, Any]:
         """The complete result of one mode; at most two attempts, each from scratch."""
@@ -296,8 +299,8 @@ class BoardSession:
         try:
             self.transport.pull(out, local)
             loaded = load_result(str(local))
-            if mode == "eval":
-                self.transport.pull(detections, self.local_dir / "eval.detections.json")
+            if mode == "eval" or (mode == "tiling" and loaded["tiling"].get("detections_file")):
+                self.transport.pull(detections, self.local_dir / f"{mode}.detections.json")
         except (DeviceError, ResultError) as exc:
             raise _Retry(f"result of runner {mode} unusable: {exc}") from exc
         return loaded

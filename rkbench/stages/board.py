@@ -185,8 +185,11 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
         return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
                 f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}")
     tl = result["tiling"]
-    return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
-            f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
+    tiles = (f"{tl['tiles_per_frame']} tiles of a {tl['tile_grid']} grid letterboxed to {tl['tile']} px"
+             if tl.get("tile_mode") == "resized" else f"{tl['tiles_per_frame']} tiles of {tl['tile']} px (overlap {tl['overlap']:g})")
+    scored = f", merged detections of {tl['images']} images scored (tiling/map50_95)" if tl.get("images") else ""
+    return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame (the last one) in {tiles}, {tl['warmup']} warmup + "
+            f"{tl['frames']} frames from {tl['source']}{scored}")
 
 
 def _cpp_settings(result: dict[str, Any]) -> str:
@@ -292,6 +295,10 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
             attach(detections_file, "detections")
         else:
             found = mode_metrics(mode, result, where)
+        if mode == "tiling" and result["tiling"].get("detections_file"):   # each image tiled: mAP of the merged tiles
+            detections_file = session.local_dir / "tiling.detections.json"
+            found.update(score(dataset, json.loads(detections_file.read_text()), run.eval, "tiling"))
+            attach(detections_file, "detections")
         if not how:
             how.append(describe_runner(result, where))
         retried = " (second attempt)" if session.attempts[mode] > 1 else ""
