@@ -140,6 +140,7 @@ class RunConfig:
     core_mask: str = "auto"
     target: str = "simulator"
     runner: str = "python"                  # target=board: python (runner.py) or cpp (C++ runner on librknnrt)
+    channels: int = 3                       # model input channels: 3 (RGB) or 1 (gray model derived from the RGB one)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -187,6 +188,7 @@ def axes() -> dict[str, str]:
     `python -m rkbench --help` and run names cannot drift from what is accepted."""
     return {
         "resolution": "a multiple of 32",
+        "channels": "3 (RGB), 1 (gray: the first conv's weights summed over RGB)",
         "export": ", ".join(HEADS),
         "activation": ", ".join(ACTIVATIONS),
         "simplify": ", ".join(SIMPLIFIERS),
@@ -242,6 +244,10 @@ def validate(run: RunConfig) -> None:
     _choice("target", run.target, TARGETS)
     _choice("runner", run.runner, RUNNERS)
     _choice("core_mask", run.core_mask, CORE_MASKS)
+    _choice("channels", run.channels, (3, 1))
+    if run.channels == 1 and run.target == "board" and run.runner == "cpp":
+        raise UnsupportedCombination("channels=1 with runner=cpp: the C++ runner prepares 3-channel inputs (its "
+                                     "pass-through input is not built yet): use runner=python")
     _choice("model.family", run.model.family, FAMILIES)
     group = re.fullmatch(r"group(\d+)", run.quant_method)
     if run.quant_method not in ("layer", "channel") and not (group and int(group[1]) in QUANT_GROUPS):

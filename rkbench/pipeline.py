@@ -159,6 +159,9 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
     tags: dict[str, str] = {}
     onnx = export(run.model, run.resolution, run.export, run.activation, cache)
     onnx = simplify(onnx, run.simplify, cache)
+    if run.channels == 1:   # the input study: the gray model derived from the 3-channel one
+        from rkbench.stages.export import grayscale
+        onnx = grayscale(onnx, cache)
     log.info("ONNX (%s head, %d px, simplify=%s) %s", run.export, run.resolution, run.simplify,
              "taken from the stage cache" if onnx.cached else "exported")
     keep_model("onnx", onnx)
@@ -171,8 +174,10 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
     host_latency: list[str] = []
     ort_id = f"onnxruntime-{md.version('onnxruntime')}"
 
-    def ort() -> object:
-        return make_runtime("onnxruntime", str(onnx.path), where="host")
+    channels = int(onnx.info.get("channels", 3))
+
+    def ort() -> object:   # mean/std per input channel of the model (channels=1: the gray model)
+        return make_runtime("onnxruntime", str(onnx.path), where="host", mean=(0.0,) * channels, std=(255.0,) * channels)
 
     if run.target == "onnxruntime" or run.eval.float_reference:
         prefix = "eval" if run.target == "onnxruntime" else "eval_float"
@@ -187,7 +192,8 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
             attach(ref.artifact.path, "detections")
 
     if run.target == "simulator" or (run.target == "board" and (spec.uses_rknn(run) or run.measure.toolkit_perf)):
-        opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
+        opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch,
+                              channels=run.channels)
         calib = spec.calibration_set(run, dataset) if run.quantize else []
         if run.quantize:
             metrics["calib/images"] = float(len(calib))

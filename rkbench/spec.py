@@ -185,5 +185,7 @@ def inference_spec(run: RunConfig, export_info: dict, dataset: Dataset, runtime:
         reg_max=int(export_info.get("reg_max", 16)), anchors=anchors,
         batch=batch if batch is not None else (run.batch if rknn else 1),
         conf=run.eval.conf, iou=run.eval.iou, max_det=run.eval.max_det, runtime=runtime,
-        core_mask=run.core_mask if runtime == "rknnlite" else "auto")
+        core_mask=run.core_mask if runtime == "rknnlite" else "auto",
+        # mean/std per input channel of the exported model (channels=1: the gray model)
+        mean=(0.0,) * int(export_info.get("channels", 3)), std=(255.0,) * int(export_info.get("channels", 3)))
 

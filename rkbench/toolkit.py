@@ -45,6 +45,7 @@ class ConvertOptions:
     dtype: str
     batch: int
     optimization_level: int = 3
+    channels: int = 3                       # 1: a gray model (mean/std of one channel)
 
     def describe(self, calib_images: int) -> str:
         """In words, for the console: "int8, normal, 16 calibration images" or "fp16"."""
@@ -55,7 +56,7 @@ class ConvertOptions:
         return ", ".join(words + ([f"batch {self.batch}"] if self.batch > 1 else []))
 
     def toolkit_config(self) -> dict[str, Any]:
-        return dict(mean_values=[list(MEAN)], std_values=[list(STD)], target_platform=self.platform,
+        return dict(mean_values=[list(MEAN[:self.channels])], std_values=[list(STD[:self.channels])], target_platform=self.platform,
                     quantized_dtype=self.dtype, quantized_algorithm=self.algo, quantized_method=self.method,
                     optimization_level=self.optimization_level)
 

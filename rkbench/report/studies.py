@@ -198,9 +198,28 @@ def quantization(sel: Selection) -> list[str]:
         [False, False, True, False, False, False] + [True] * 7, notes)
 
 
+def input_channels(sel: Selection) -> list[str]:
+    rows = []
+    for r in _sorted(sel.runs, ("channels", "resolution")):
+        where = place(r)
+        board = where in ("board", "emulator")
+        rows.append([r.param("channels"), r.param("resolution"), where, r.status,
+                     own_latency(r, "pre") if board else None, own_latency(r, "infer"),
+                     own_latency(r, "total") if board else None, r.metrics.get(EVAL_MAP), r.metrics.get(FLOAT_MAP)])
+    return _section(
+        "input", "Model input channels: 3 (RGB) vs 1 (gray: the first conv's weights summed over RGB, exact for gray "
+        "images; frames are letterboxed, then converted to gray). pre: letterbox (+ gray) per frame on the board; "
+        "infer: the engine call (on a board it includes rknn_inputs_set); simulator / host: one runtime.infer call, "
+        "not NPU latency. The gray model's mAP is the RGB model's on gray images.",
+        ["channels", "resolution", "where", "status", "pre p50 (ms)", "infer p50 (ms)", "total p50 (ms)", "mAP50-95",
+         "float mAP50-95"], rows, [True, True, False, False] + [True] * 5,
+        ("TODO pass-through: the C++ runner's pass-through input (measure.cpp_pass_through) is not in this tree yet; "
+         "its axis joins this table once it lands (channels=1 with runner=cpp is refused until then).",))
+
+
 SECTIONS: dict[str, Callable[[Selection], list[str]]] = {
     "resolution": resolution, "thresholds": thresholds, "threadpool": threadpool, "tiling": tiling, "batch": batch,
-    "quantization": quantization,
+    "quantization": quantization, "input": input_channels,
 }
 
 

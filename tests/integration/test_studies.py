@@ -19,7 +19,7 @@ from rkbench.report.runs import Selection, load_selection
 
 pytestmark = pytest.mark.slow
 
-STUDIES = ("resolution", "thresholds", "threadpool", "tiling", "batch", "quantization")
+STUDIES = ("resolution", "thresholds", "threadpool", "tiling", "batch", "quantization", "input")
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 RES = 128
 MODEL = [] if (ASSETS / "demo_yolov8n.pt").exists() else ["model.weights=null", "model.yaml=yolov8n.yaml"]
@@ -30,6 +30,7 @@ REDUCED = {
     "thresholds": [f"resolution={RES}"],
     "quantization": [f"resolution={RES}", "algo=normal,kl_divergence", "quant_method=channel", "calib.size=4"],
     "batch": [f"resolution={RES}", "batch=1,3", "core_mask=auto"],
+    "input": [f"resolution={RES}", "channels=3,1"],
     "threadpool": [f"resolution={RES}", "measure.workers=1,2", "measure.cores=0_1_2", "measure.frames=8", *BOARD_SMALL],
     "tiling": [f"resolution={RES}", "measure.tile_mode=native,resized", "dataset.frame=[320,192]", "dataset.frames=2",
                *BOARD_SMALL],
@@ -159,3 +160,14 @@ def test_tiling_on_the_emulated_board(workdir, board_args):
     assert int(float(got["native"][4])) == len(prepost.tiles(320, 192, RES, 0.0)) and int(float(got["resized"][4])) == 4
     for r in rows:
         assert 0 <= float(r[6]) <= 1 and float(r[5]) > 0
+
+
+def test_input_gray_model_through_the_simulator(workdir):
+    sel = run_study("input", workdir)
+    header, rows = section(sel)
+    assert header[:4] == ["channels", "resolution", "where", "status"] and "infer p50 (ms)" in header
+    assert [r[0] for r in rows] == ["1", "3"] and {r[3] for r in rows} == {"FINISHED"}
+    assert all(float(r[header.index("infer p50 (ms)")]) > 0 for r in rows)
+    assert any(line.startswith("- TODO pass-through") for line in studies.section(sel))
+    gray = next(r for r in sel.runs if r.param("channels") == "1")
+    assert "eval/map50_95" in gray.metrics and "eval_float/map50_95" in gray.metrics   # int8 and float, both gray
