@@ -99,11 +99,12 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
     m = run.measure
     width, height = m.tile_frame
     measure = {"warmup": m.warmup, "iterations": m.iterations, "min_seconds": m.min_seconds, "frames": m.frames,
-               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap,
-               "tile_mode": m.tile_mode, "tile_grid": "x".join(map(str, m.tile_grid))}
+               "cores": ",".join(worker_masks(run)), "frame_size": f"{width}x{height}", "overlap": m.tile_overlap}
     if run.runner == "cpp":   # the C++ runner's own settings (the Python runner never sees them)
         measure["outputs"] = m.cpp_outputs
         measure["zero_copy"] = bool(m.cpp_zero_copy)
+    else:                     # tiling is the Python runner's (the C++ runner refuses keys it does not know)
+        measure.update(tile_mode=m.tile_mode, tile_grid="x".join(map(str, m.tile_grid)))
     return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
 
 
