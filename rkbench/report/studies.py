@@ -158,7 +158,8 @@ def tiling(sel: Selection) -> list[str]:
 def batch(sel: Selection) -> list[str]:
     rows = []
     for r in _sorted(sel.runs, ("batch", "core_mask")):
-        where, n = place(r), max(1, int(_num(r.param("batch")))) if r.param("batch") != "-" else 1
+        where = place(r)
+        n = int(r.param("batch")) if r.param("batch").isdigit() else 1
         call = own_latency(r, "infer")
         total = own_latency(r, "total") if where in ("board", "emulator") else None
         mask = r.param("core_mask")
