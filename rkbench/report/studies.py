@@ -5,6 +5,7 @@ host and simulator times rank configurations, they are not NPU latency."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Callable, Optional
 
@@ -162,9 +163,10 @@ def batch(sel: Selection) -> list[str]:
         n = int(r.param("batch")) if r.param("batch").isdigit() else 1
         call = own_latency(r, "infer")
         total = own_latency(r, "total") if where in ("board", "emulator") else None
-        mask = r.param("core_mask")
-        if "core_mask=" in r.tags.get("rkbench.collapsed", ""):
-            runtime = "core mask has no effect here (collapsed)"
+        given = re.search(r"core_mask=(\S+) \(", r.tags.get("rkbench.collapsed", ""))
+        mask = given[1] if given else r.param("core_mask")
+        if given:
+            runtime = f"no effect on the {where}: measured once with auto (collapsed)"
         elif n > 1 and mask in CORES:
             runtime = "falls back to auto (refused by rkbench)"
         else:
