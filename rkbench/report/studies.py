@@ -191,7 +191,7 @@ def quantization(sel: Selection) -> list[str]:
     notes = ()
     if scored:
         d, r = max(scored, key=lambda x: x[0])
-        notes = (f"smallest loss: {', '.join(f'{k}={r.param(k)}' for k in keys)}: mAP50-95 {r.metrics[EVAL_MAP]:.4f}, "
+        notes = (f"highest int8 - float (the least lost; above 0 is within the evaluation's noise): {', '.join(f'{k}={r.param(k)}' for k in keys)}: mAP50-95 {r.metrics[EVAL_MAP]:.4f}, "
                  f"int8 - float {d:+.4f}",)
     return _section(
         "quantization", "quantized_algorithm x quantized_method x calibration set: the int8 mAP family and its drop "
