@@ -73,15 +73,34 @@ def _section(title: str, intro: str, header: list[str], rows: list[list], numeri
 
 # ------------------------------------------------------------------------------------------------ the studies
 
+def runner_twins(runs: list[RunRecord], axes: list[str]) -> list[tuple[RunRecord, Optional[RunRecord]]]:
+    """Each run with, for a runner=python run, its runner=cpp twin (the same swept values but the runner) folded
+    into the same row, as the field notes put Python and C++ side by side; a cpp run without a twin keeps its row.
+    The swept axes are compared, less those either run collapsed (settings only one runner uses)."""
+    def collapsed(r: RunRecord) -> set[str]:
+        return set(re.findall(r"(?:^|; )([\w.]+)=", r.tags.get("rkbench.collapsed", "")))
+
+    def twins(a: RunRecord, b: RunRecord) -> bool:
+        keys = [k for k in axes if k != "runner" and k not in collapsed(a) | collapsed(b)]
+        return all(a.param(k) == b.param(k) for k in keys)
+
+    cpp = [r for r in runs if r.param("runner") == "cpp" and place(r) in ("board", "emulator")]
+    twin = {id(r): next((c for c in cpp if twins(c, r)), None) for r in runs if r.param("runner") == "python"}
+    paired = {id(c) for c in twin.values() if c is not None}
+    return [(r, twin.get(id(r))) for r in runs if id(r) not in paired]
+
+
 def resolution(sel: Selection) -> list[str]:
     rows = []
-    for r in _sorted(sel.runs, ("export", "resolution", "runner")):
+    for r, twin in runner_twins(_sorted(sel.runs, ("export", "resolution")), sel.axes):
         where = place(r)
         value, how = fps(r)
-        rows.append([r.param("resolution"), r.param("export"), r.param("runner") if where in ("board", "emulator") else "-",
-                     where, r.status, own_latency(r), r.metrics.get(f"latency/{where}_cpp_total_ms_p50"), value, how,
-                     r.metrics.get(EVAL_MAP), r.metrics.get(FLOAT_MAP), r.metrics.get("convert/build_s"),
-                     r.metrics.get("convert/rknn_mib")])
+        cpp = twin or r
+        runner = (f"{r.param('runner')}{' + cpp' if twin else ''}" if where in ("board", "emulator") else "-")
+        rows.append([r.param("resolution"), r.param("export"), runner, where, r.status, own_latency(r),
+                     cpp.metrics.get(f"latency/{where}_cpp_total_ms_p50"), value, how, r.metrics.get(EVAL_MAP),
+                     r.metrics.get(FLOAT_MAP), r.metrics.get("convert/build_s", cpp.metrics.get("convert/build_s")),
+                     r.metrics.get("convert/rknn_mib", cpp.metrics.get("convert/rknn_mib"))])
     return _section(
         "resolution", "Input resolution x export path. latency: p50 of one frame at the place in `where` (board / "
         "emulator: the Python runner's pre + infer + post; simulator / host: one runtime.infer call, not NPU latency); "
