@@ -92,6 +92,7 @@ class MeasureConfig:
     modes: list[str] = field(default_factory=lambda: ["latency", "eval"])   # on the board
     workers: int = 3                        # throughput mode: pool size (one runtime per worker)
     cores: str = "0_1_2"                    # throughput mode: NPU core of each worker, round robin
+    threads: int = 0                        # board.runtime=onnxruntime: intra-op threads per runtime (0 = its default)
     frames: int = 30                        # throughput / tiling: frames to push through
     tile_frame: list[int] = field(default_factory=lambda: [1920, 1080])   # tiling mode: frame W, H
     tile_overlap: float = 0.2
@@ -303,6 +304,8 @@ def validate(run: RunConfig) -> None:
     _choice("measure.tile_source", run.measure.tile_source, TILE_SOURCES)
     if len(run.measure.tile_grid) != 2 or min(run.measure.tile_grid) < 1:
         raise ConfigError(f"measure.tile_grid={run.measure.tile_grid}: give [columns, rows], each >= 1, e.g. [2, 2]")
+    if run.measure.threads < 0:
+        raise ConfigError(f"measure.threads={run.measure.threads}: use 0 (ONNX Runtime's default) or a thread count")
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:

@@ -62,6 +62,8 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
       "measure.tile_source", "measure.toolkit_perf", "board.serial",
       "board.address", "board.remote_root", "runner"), lambda r: r.target == "board",
      "only the board runner uses it (target={target})"),
+    (("measure.threads",), lambda r: r.target == "board" and r.runner == "python" and r.board.runtime == "onnxruntime",
+     "only ONNX Runtime on a board uses it (target={target}{runtime})"),
     (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
      "only the Python runner on a board uses it (target={target}, runner={runner})"),
     (("measure.cpp_outputs", "measure.cpp_zero_copy"), lambda r: r.target == "board" and r.runner == "cpp",

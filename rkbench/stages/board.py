@@ -17,6 +17,7 @@ is a DeviceError naming the fix; the pipeline turns it into a FAILED run and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -182,7 +183,10 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     if mode == "throughput":
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
-        return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
+        runtime = result.get("runtime") or {}
+        threads = (f", {runtime.get('threads') or 'default'} ONNX Runtime threads each"
+                   if runtime.get("kind") == "onnxruntime" else "")
+        return (f"throughput: {len(tp['workers'])} workers (core masks {masks}{threads}), {tp['frames']} frames in "
                 f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}")
     tl = result["tiling"]
     tiles = (f"{tl['tiles_per_frame']} tiles of a {tl['tile_grid']} grid letterboxed to {tl['tile']} px"
@@ -261,6 +265,8 @@ def run_on_board(run: RunConfig, onnx: Artifact, rknn_art: Optional[Artifact], d
     uses_rknn = run.board.runtime == "rknnlite" or run.runner == "cpp"
     model = rknn_art.path if uses_rknn else onnx.path
     spec = inference_spec(run, onnx.info, dataset, "rknnlite" if uses_rknn else run.board.runtime)
+    if not uses_rknn:   # ONNX Runtime's intra-op threads per runtime (the threadpool study: one core per worker)
+        spec = dataclasses.replace(spec, threads=run.measure.threads)
     log.info("deploying %s, the %s runner and %d images to the %s (files already there are skipped)", model.name,
              run.runner, len(dataset.images), where)
     work = cache_root / "board" / "inputs"

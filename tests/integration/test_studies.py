@@ -145,6 +145,7 @@ def test_threadpool_on_the_emulated_board(workdir, board_args):
                       "CPU %", "peak RSS (MiB)"]
     assert [r[0] for r in rows] == ["1", "2"] and {r[2] for r in rows} == {"emulator"}
     assert all(float(r[4]) > 0 and float(r[10]) > 0 for r in rows)
+    assert all("1 ONNX Runtime threads each" in r.tags["rkbench.measure"] for r in sel.runs)   # one core per worker
     # the 1 vs 2 workers throughput ratio, measured
     assert any(re.fullmatch(r"- cores 0_1_2 \(emulator\): 2 workers / 1 worker = \d+\.\d\dx fps", line)
                for line in "\n".join(studies.section(sel)).splitlines())
