@@ -60,6 +60,8 @@ class DatasetConfig:
     images: Optional[str] = None            # coco: image folder
     split: str = "val"
     limit: Optional[int] = None             # first N images (sorted by id); None = all
+    frame: Optional[list[int]] = None       # demo: W, H of generated large frames instead of the demo images (tiling)
+    frames: int = 8                         # demo with frame: how many frames
 
 
 @dataclass
@@ -79,6 +81,8 @@ class EvalConfig:
 
 
 BOARD_MODES = ("latency", "eval", "throughput", "tiling")
+TILE_MODES = ("native", "resized")
+TILE_SOURCES = ("synthetic", "dataset")
 
 
 @dataclass
@@ -89,9 +93,13 @@ class MeasureConfig:
     modes: list[str] = field(default_factory=lambda: ["latency", "eval"])   # on the board
     workers: int = 3                        # throughput mode: pool size (one runtime per worker)
     cores: str = "0_1_2"                    # throughput mode: NPU core of each worker, round robin
+    threads: int = 0                        # board.runtime=onnxruntime: intra-op threads per runtime (0 = its default)
     frames: int = 30                        # throughput / tiling: frames to push through
     tile_frame: list[int] = field(default_factory=lambda: [1920, 1080])   # tiling mode: frame W, H
     tile_overlap: float = 0.2
+    tile_mode: str = "native"               # tiling: native (overlapping model-size tiles) | resized (a grid, letterboxed)
+    tile_grid: list[int] = field(default_factory=lambda: [2, 2])   # tiling, tile_mode=resized: columns, rows
+    tile_source: str = "synthetic"          # tiling: synthetic (one frame of tile_frame) | dataset (its images, scored)
     toolkit_perf: bool = False              # PC-side RKNN.eval_perf / eval_memory over adb (real board only)
     cpp_outputs: str = "float"              # runner=cpp: float (librknnrt dequantises) or int8 (the runner does)
     cpp_zero_copy: bool = False             # runner=cpp: io memory via rknn_create_mem + rknn_set_io_mem
@@ -163,6 +171,7 @@ class RunConfig:
     core_mask: str = "auto"
     target: str = "simulator"
     runner: str = "python"                  # target=board: python (runner.py) or cpp (C++ runner on librknnrt)
+    channels: int = 3                       # model input channels: 3 (RGB) or 1 (gray model derived from the RGB one)
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -214,6 +223,7 @@ def axes() -> dict[str, str]:
     `python -m rkbench --help` and run names cannot drift from what is accepted."""
     return {
         "resolution": "a multiple of 32",
+        "channels": "3 (RGB), 1 (gray: the first conv's weights summed over RGB)",
         "export": ", ".join(HEADS),
         "activation": ", ".join(ACTIVATIONS),
         "simplify": ", ".join(SIMPLIFIERS),
@@ -271,6 +281,10 @@ def validate(run: RunConfig) -> None:
     _choice("target", run.target, TARGETS)
     _choice("runner", run.runner, RUNNERS)
     _choice("core_mask", run.core_mask, CORE_MASKS)
+    _choice("channels", run.channels, (3, 1))
+    if run.channels == 1 and run.target == "board" and run.runner == "cpp":
+        raise UnsupportedCombination("channels=1 with runner=cpp: the C++ runner prepares 3-channel inputs (its "
+                                     "pass-through input is not built yet): use runner=python")
     _choice("model.family", run.model.family, FAMILIES)
     group = re.fullmatch(r"group(\d+)", run.quant_method)
     if run.quant_method not in ("layer", "channel") and not (group and int(group[1]) in QUANT_GROUPS):
@@ -328,6 +342,9 @@ def validate(run: RunConfig) -> None:
         _must_exist(key, value)
     if d.kind == "yolo":
         _must_exist("dataset.root", d.root)
+    if d.frame is not None and (d.kind != "demo" or len(d.frame) != 2 or min(d.frame) < 32 or d.frames < 1):
+        raise ConfigError(f"dataset.frame={d.frame}: only the demo dataset renders frames; give [width, height] (>= 32) "
+                          "and dataset.frames >= 1")
     if d.limit is not None and d.limit < 1:
         raise ConfigError(f"dataset.limit={d.limit}: use a positive number or null for all images")
 
@@ -345,6 +362,12 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"board.adb_port={b.adb_port} is not a TCP port: use 1..65535, or leave it unset for adb's "
                           "ANDROID_ADB_SERVER_PORT / 5037")
     _choice("measure.cpp_outputs", run.measure.cpp_outputs, CPP_OUTPUTS)
+    _choice("measure.tile_mode", run.measure.tile_mode, TILE_MODES)
+    _choice("measure.tile_source", run.measure.tile_source, TILE_SOURCES)
+    if len(run.measure.tile_grid) != 2 or min(run.measure.tile_grid) < 1:
+        raise ConfigError(f"measure.tile_grid={run.measure.tile_grid}: give [columns, rows], each >= 1, e.g. [2, 2]")
+    if run.measure.threads < 0:
+        raise ConfigError(f"measure.threads={run.measure.threads}: use 0 (ONNX Runtime's default) or a thread count")
     if run.measure.workers < 1 or not re.fullmatch(r"[0-2](_[0-2])*", run.measure.cores):
         raise ConfigError("measure.workers must be >= 1 and measure.cores like 0_1_2 (NPU core per worker)")
     if not 0.0 <= run.eval.conf < 1.0 or not 0.0 < run.eval.iou <= 1.0:

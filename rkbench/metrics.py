@@ -44,7 +44,9 @@ GROUPS = {g.name: g for g in (
     Group("throughput", "frames per second: single stream (<where>_single_fps; C++ runner <where>_cpp_single_fps), a "
           "worker pool (<where>_fps; C++ runner, one rknn context per worker: <where>_cpp_fps), frame latency and "
           "per-core share (<where>[_cpp]_frame_ms_p50, _share_core<mask>)", "name"),
-    Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times", "name"),
+    Group("tiling", "a large frame cut into model-size tiles: <where>_fps, tiles_per_frame, per-part times; with "
+          "measure.tile_source=dataset the COCO metrics of the merged detections (tiling/map50_95, ...) on the run's "
+          "device kind", "name"),
     Group("system", "NPU load per core, CPU load, the runner's peak and mean RSS, NPU/DDR/CPU clocks and temperatures "
           "(min/max) while a board mode ran: system/<where>_<mode>_<what>",
           "name"),

@@ -88,6 +88,10 @@ def load_dataset(cfg: DatasetConfig, cache_root: Path) -> Dataset:
 def _load(cfg: DatasetConfig, cache_root: Path) -> Dataset:
     if cfg.kind == "demo":
         from rkbench.data.demo import demo_dataset
+        if cfg.frame:   # large frames (the tiling study): their own folder, so the demo images stay as they are
+            w, h = cfg.frame
+            root = Path(cfg.root) if cfg.root else cache_root / "datasets" / f"demo_frames_{w}x{h}"
+            return demo_dataset(root, n_val=cfg.frames, limit=cfg.limit, frame=(w, h))
         return demo_dataset(Path(cfg.root) if cfg.root else cache_root / "datasets" / "demo", limit=cfg.limit)
     if cfg.kind == "coco":
         return load_coco(resolve_path(cfg.annotations), resolve_path(cfg.images), cfg.limit)
@@ -155,6 +159,9 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
     tags: dict[str, str] = {}
     onnx = export(run.model, run.resolution, run.export, run.activation, cache)
     onnx = simplify(onnx, run.simplify, cache)
+    if run.channels == 1:   # the input study: the gray model derived from the 3-channel one
+        from rkbench.stages.export import grayscale
+        onnx = grayscale(onnx, cache)
     log.info("ONNX (%s head, %d px, simplify=%s) %s", run.export, run.resolution, run.simplify,
              "taken from the stage cache" if onnx.cached else "exported")
     keep_model("onnx", onnx)
@@ -167,8 +174,10 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
     host_latency: list[str] = []
     ort_id = f"onnxruntime-{md.version('onnxruntime')}"
 
-    def ort() -> object:
-        return make_runtime("onnxruntime", str(onnx.path), where="host")
+    channels = int(onnx.info.get("channels", 3))
+
+    def ort() -> object:   # mean/std per input channel of the model (channels=1: the gray model)
+        return make_runtime("onnxruntime", str(onnx.path), where="host", mean=(0.0,) * channels, std=(255.0,) * channels)
 
     if run.target == "onnxruntime" or run.eval.float_reference:
         prefix = "eval" if run.target == "onnxruntime" else "eval_float"
@@ -183,7 +192,8 @@ def execute(plan: spec.RunPlan, dataset: Dataset, cache, attach: Callable[[Path,
             attach(ref.artifact.path, "detections")
 
     if spec.uses_rknn(run):   # a board running the ONNX converts nothing (toolkit_perf collapses there too)
-        opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch)
+        opts = ConvertOptions(run.platform, run.quantize, run.algo, run.quant_method, run.quant_dtype, run.batch,
+                              channels=run.channels)
         calib = spec.calibration_set(run, dataset) if run.quantize else []
         if run.quantize:
             metrics["calib/images"] = float(len(calib))

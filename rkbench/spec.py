@@ -66,12 +66,14 @@ APPLIES: list[tuple[tuple[str, ...], Callable[[RunConfig], bool], str]] = [
     (("eval.float_reference",), lambda r: r.target != "onnxruntime",
      "target=onnxruntime is the float reference itself"),
     (("measure.iterations", "measure.min_seconds", "measure.modes", "measure.workers", "measure.cores",
-      "measure.frames", "measure.tile_frame", "measure.tile_overlap", "board.serial",
-      "board.address", "board.remote_root", "board.pin_freq", "runner"), lambda r: r.target == "board",
-     "only the board runner uses it (target={target})"),
+      "measure.frames", "measure.tile_frame", "measure.tile_overlap", "measure.tile_mode", "measure.tile_grid",
+      "measure.tile_source", "board.serial", "board.address", "board.remote_root", "board.pin_freq", "runner"),
+     lambda r: r.target == "board", "only the board runner uses it (target={target})"),
     # rknn-toolkit2 profiles the .rknn: a board running the ONNX converts nothing for it
     (("measure.toolkit_perf",), lambda r: r.target == "board" and uses_rknn(r),
      "only the .rknn is profiled, and target={target}{runtime} runs the ONNX"),
+    (("measure.threads",), lambda r: r.target == "board" and r.runner == "python" and r.board.runtime == "onnxruntime",
+     "only ONNX Runtime on a board uses it (target={target}{runtime})"),
     (("board.python", "board.runtime"), lambda r: r.target == "board" and r.runner == "python",
      "only the Python runner on a board uses it (target={target}, runner={runner})"),
     (("measure.cpp_outputs", "measure.cpp_zero_copy", "measure.cpp_pass_through"), lambda r: r.target == "board" and r.runner == "cpp",
@@ -196,5 +198,7 @@ def inference_spec(run: RunConfig, export_info: dict, dataset: Dataset, runtime:
         reg_max=int(export_info.get("reg_max", 16)), anchors=anchors,
         batch=batch if batch is not None else (run.batch if rknn else 1),
         conf=run.eval.conf, iou=run.eval.iou, max_det=run.eval.max_det, runtime=runtime,
-        core_mask=run.core_mask if runtime == "rknnlite" else "auto")
+        core_mask=run.core_mask if runtime == "rknnlite" else "auto",
+        # mean/std per input channel of the exported model (channels=1: the gray model)
+        mean=(0.0,) * int(export_info.get("channels", 3)), std=(255.0,) * int(export_info.get("channels", 3)))
 

@@ -46,6 +46,7 @@ class ConvertOptions:
     batch: int
     optimization_level: int = 3
     hybrid: tuple[str, ...] = ()        # layers kept in float16 (hybrid quantization); () = plain int8
+    channels: int = 3                   # 1: a gray model (mean/std of one channel)
 
 
     def describe(self, calib_images: int) -> str:
@@ -58,7 +59,7 @@ class ConvertOptions:
         return ", ".join(words + hybrid + ([f"batch {self.batch}"] if self.batch > 1 else []))
 
     def toolkit_config(self) -> dict[str, Any]:
-        return dict(mean_values=[list(MEAN)], std_values=[list(STD)], target_platform=self.platform,
+        return dict(mean_values=[list(MEAN[:self.channels])], std_values=[list(STD[:self.channels])], target_platform=self.platform,
                     quantized_dtype=self.dtype, quantized_algorithm=self.algo, quantized_method=self.method,
                     optimization_level=self.optimization_level)
 

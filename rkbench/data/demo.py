@@ -147,13 +147,19 @@ def _draw(img: np.ndarray, shape: Shape, rng: np.random.Generator) -> None:
         cv2.polylines(img, [pts], True, (colour * 0.5).tolist(), 1, cv2.LINE_AA, shift=4)
 
 
-def render(seed: int, split: str, index: int) -> tuple[np.ndarray, list[Shape]]:
-    """One BGR uint8 image and its shapes; a pure function of (seed, split, index)."""
+def render(seed: int, split: str, index: int, frame: Optional[tuple[int, int]] = None) -> tuple[np.ndarray, list[Shape]]:
+    """One BGR uint8 image and its shapes; a pure function of (seed, split, index, frame). `frame` (W, H): a
+    large frame with as many objects per area as the demo images (the tiling study's 1920x1080 frames)."""
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     w, h = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+    objects = (1, 7)
+    if frame is not None:
+        w, h = frame
+        per = w * h / (320 * 320)
+        objects = (max(1, round(per)), max(2, round(6 * per)))
     img = np.clip(_background(rng, w, h), 0, 255).astype(np.uint8)   # uint8: cv2 anti-aliases only 8-bit
     shapes: list[Shape] = []
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(*objects))):
         shape = _place(rng, w, h, shapes)
         if shape is not None:
             _draw(img, shape, rng)
@@ -168,13 +174,13 @@ def render(seed: int, split: str, index: int) -> tuple[np.ndarray, list[Shape]]:
 # ---------------------------------------------------------------------------------------------------------
 # writing
 
-def _write_split(out_dir: Path, split: str, n: int, seed: int) -> None:
+def _write_split(out_dir: Path, split: str, n: int, seed: int, frame: Optional[tuple[int, int]] = None) -> None:
     img_dir, lbl_dir = out_dir / "images" / split, out_dir / "labels" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     lbl_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
-        img, shapes = render(seed, split, i)
+        img, shapes = render(seed, split, i, frame)
         h, w = img.shape[:2]
         name = f"{split}_{i:05d}"
         if not cv2.imwrite(str(img_dir / f"{name}.png"), img):
@@ -193,7 +199,8 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int) -> None:
     (out_dir / "annotations" / f"instances_{split}.json").write_text(json.dumps(gt, sort_keys=True))
 
 
-def generate_demo(out_dir: Path, n_train: int, n_val: int, seed: int = 0, yaml_root: Optional[Path] = None) -> Path:
+def generate_demo(out_dir: Path, n_train: int, n_val: int, seed: int = 0, yaml_root: Optional[Path] = None,
+                  frame: Optional[tuple[int, int]] = None) -> Path:
     """Write the demo dataset into out_dir; returns the data.yaml. Same arguments -> identical files.
     yaml_root: the absolute `path:` written into data.yaml (default out_dir), for a folder that is moved
     into place after generation."""
@@ -201,7 +208,7 @@ def generate_demo(out_dir: Path, n_train: int, n_val: int, seed: int = 0, yaml_r
     if n_train < 0 or n_val < 1:
         raise DataError(f"n_train={n_train}, n_val={n_val}: need n_train >= 0 and n_val >= 1")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_split(out_dir, "val", n_val, seed)
+    _write_split(out_dir, "val", n_val, seed, frame)
     if n_train:
         _write_split(out_dir, "train", n_train, seed)
     root = Path(yaml_root if yaml_root is not None else out_dir).resolve()
@@ -214,15 +221,16 @@ def generate_demo(out_dir: Path, n_train: int, n_val: int, seed: int = 0, yaml_r
     return out_dir / "data.yaml"
 
 
-def _marker_ok(root: Path, n_val: int, seed: int) -> bool:
+def _marker_ok(root: Path, n_val: int, seed: int, frame: Optional[tuple[int, int]] = None) -> bool:
     try:
         m = json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return m.get("version") == GENERATOR_VERSION and m.get("n_val") == n_val and m.get("seed") == seed
+    return (m.get("version") == GENERATOR_VERSION and m.get("n_val") == n_val and m.get("seed") == seed
+            and m.get("frame") == (list(frame) if frame else None))
 
 
-def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
+def _generate_in_place(root: Path, n_val: int, seed: int, frame: Optional[tuple[int, int]] = None) -> None:
     """Generate into a temp folder, then rename it to root: an interrupted generation leaves no half-written
     dataset behind."""
     if root.exists() and not (root / MARKER).exists() and any(root.iterdir()):
@@ -230,8 +238,9 @@ def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
-            generate_demo(tmp, 0, n_val, seed, yaml_root=root)
-            marker = {"version": GENERATOR_VERSION, "n_val": n_val, "seed": seed, "n_train": 0}
+            generate_demo(tmp, 0, n_val, seed, yaml_root=root, frame=frame)
+            marker = {"version": GENERATOR_VERSION, "n_val": n_val, "seed": seed, "n_train": 0,
+                      "frame": list(frame) if frame else None}
             (tmp / MARKER).write_text(json.dumps(marker))
             if root.exists():       # an older generator version (or other size): replace it
                 stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale.", dir=root.parent))
@@ -245,15 +254,16 @@ def _generate_in_place(root: Path, n_val: int, seed: int) -> None:
                         "dataset.root) to a writable folder with free space") from None
 
 
-def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None) -> Dataset:
+def demo_dataset(root: Path, n_val: int = 48, seed: int = 0, limit: Optional[int] = None,
+                 frame: Optional[tuple[int, int]] = None) -> Dataset:
     """The demo val split under root, generated on first use. Concurrent runs are safe: the first one
     generates under a lock on root's parent folder, the others wait for it and then use its folder (a second
     generation would replace the folder under the first run's feet)."""
     root = Path(root).resolve()
-    if not _marker_ok(root, n_val, seed):
+    if not _marker_ok(root, n_val, seed, frame):
         with folder_lock(root.parent, "cache_dir (or dataset.root)"):
-            if not _marker_ok(root, n_val, seed):   # not generated meanwhile by the process we waited for
-                _generate_in_place(root, n_val, seed)
+            if not _marker_ok(root, n_val, seed, frame):   # not generated meanwhile by the process we waited for
+                _generate_in_place(root, n_val, seed, frame)
     ds = load_coco(root / "annotations" / "instances_val.json", root / "images" / "val", limit)
     ds.name = "demo"
     return ds

@@ -265,16 +265,28 @@ def run_throughput(args: argparse.Namespace, dets: List[Any], masks: List[str], 
             "frame_latency_ms": summarize(latency_ms)}
 
 
+def tile_windows(args: argparse.Namespace, width: int, height: int, size: int) -> List[Tuple[int, int, int, int]]:
+    """(x, y, w, h) of each tile: overlapping model-size windows (native), or a grid letterboxed down (resized)."""
+    if args.tile_mode == "resized":
+        cols, rows = runner_io.parse_wxh(args.tile_grid)
+        return prepost.grid_tiles(width, height, cols, rows)
+    return [(x, y, size, size) for x, y in prepost.tiles(width, height, size, args.overlap)]
+
+
 def run_tiling(args: argparse.Namespace, det: Any, sampler: sampling.SystemSampler) -> Dict[str, Any]:
+    """Each frame cut into tiles, the tiles' detections merged in frame pixels. With --images the frames are
+    those images and every image's merged detections are written as COCO records (an image the timed loop
+    did not reach is run once more, untimed), so the host scores the tiling."""
     frames = Frames.from_args(args, runner_io.parse_wxh(args.frame_size))
     last: Dict[str, Any] = {}
+    records: Dict[int, List[dict]] = {}
 
-    def step(k: int) -> Tuple[Tuple[float, float, float], int]:
+    def frame_detections(k: int) -> Tuple[Tuple[float, float, float], int, int]:
         t0 = time.perf_counter()
-        _, frame = frames.load(k)
+        image_id, frame = frames.load(k)
         height, width = frame.shape[:2]
-        origins = prepost.tiles(width, height, det.spec.input_size, args.overlap)
-        crops = [frame[y:y + det.spec.input_size, x:x + det.spec.input_size] for x, y in origins]
+        windows = tile_windows(args, width, height, det.spec.input_size)
+        crops = [frame[y:y + h, x:x + w] for x, y, w, h in windows]
         batches = [det.prepare(crops[s:s + det.spec.batch]) for s in range(0, len(crops), det.spec.batch)]
         t1 = time.perf_counter()
         outputs = [det.runtime.infer(x) for x, _ in batches]
@@ -284,22 +296,37 @@ def run_tiling(args: argparse.Namespace, det: Any, sampler: sampling.SystemSampl
             for j, info in enumerate(infos):
                 crop = crops[b * det.spec.batch + j]
                 per_tile.append(det.detect(outs, j, info, crop.shape[1], crop.shape[0]))
-        boxes, scores, classes = prepost.merge_tiles(per_tile, origins, det.spec.iou)
+        boxes, scores, classes = prepost.merge_tiles(per_tile, [(x, y) for x, y, _, _ in windows], det.spec.iou)
         t3 = time.perf_counter()
-        last.update(frame=[width, height], origins=[[int(x), int(y)] for x, y in origins],
+        if frames.items:
+            records[image_id] = det.records(image_id, np.asarray(boxes), np.asarray(scores), np.asarray(classes))
+        last.update(frame=[width, height], windows=[[int(v) for v in w] for w in windows],
                     detections=[{"bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                                  "score": round(float(s), 5), "class": int(c)}
                                 for (x1, y1, x2, y2), s, c in zip(np.asarray(boxes).tolist(), np.asarray(scores).tolist(),
                                                                   np.asarray(classes).tolist())])
-        return (t1 - t0, t2 - t1, t3 - t2), len(last["detections"])
+        return (t1 - t0, t2 - t1, t3 - t2), len(last["detections"]), image_id
+
+    def step(k: int) -> Tuple[Tuple[float, float, float], int]:
+        parts, n, _ = frame_detections(k)
+        return parts, n
 
     with sampler:
         rows, counts, seconds = timed_loop(step, args.warmup, args.iterations, args.min_seconds)
     out = {"unit": "ms", "per": "frame", "frame": last["frame"], "tile": det.spec.input_size, "overlap": args.overlap,
-           "tiles_per_frame": len(last["origins"]), "tile_origins": last["origins"], "batch": det.spec.batch,
-           "warmup": args.warmup, "frames": len(rows), "timed_s": seconds, "source": frames.describe(),
-           "fps": len(rows) / sum(sum(r) for r in rows), "detections_per_frame": summarize(counts),
-           "last_frame_detections": last["detections"]}
+           "tile_mode": args.tile_mode, "tiles_per_frame": len(last["windows"]), "tile_windows": last["windows"],
+           "tile_origins": [w[:2] for w in last["windows"]],
+           "batch": det.spec.batch, "warmup": args.warmup, "frames": len(rows), "timed_s": seconds,
+           "source": frames.describe(), "fps": len(rows) / sum(sum(r) for r in rows),
+           "detections_per_frame": summarize(counts), "last_frame_detections": last["detections"]}
+    if args.tile_mode == "resized":
+        out["tile_grid"] = args.tile_grid
+    if frames.items:   # every image once: the detections the host scores
+        for k, (image_id, _) in enumerate(frames.items):
+            if image_id not in records:
+                frame_detections(k)
+        path = args.detections or os.path.splitext(args.out)[0] + ".detections.json"
+        runner_io.write_json_atomic(path, [d for image_id, _ in frames.items for d in records[image_id]])
+        out.update(detections_file=path, images=len(frames.items))
     out.update(part_stats(rows))
     return out
-

@@ -69,7 +69,8 @@ def versions() -> Dict[str, Optional[str]]:
 
 # Measure settings: spec file "measure" section, overridden by a flag given on the command line.
 MEASURE_DEFAULTS = {"warmup": 5, "iterations": 50, "min_seconds": 2.0, "frames": 100, "cores": "auto",
-                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": 0.2}
+                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": 0.2, "tile_mode": "native",
+                    "tile_grid": "2x2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", help="throughput: core masks, one worker each, e.g. 0,1,2")
     p.add_argument("--frame-size", help="tiling: synthetic frame size without --image(s)")
     p.add_argument("--overlap", type=float, help="tiling: tile overlap fraction")
+    p.add_argument("--tile-mode", choices=("native", "resized"), help="tiling: overlapping model-size tiles, or a grid")
+    p.add_argument("--tile-grid", help="tiling, --tile-mode resized: COLSxROWS, e.g. 2x2")
     p.add_argument("--sample-interval", type=float, help="seconds between system samples")
     return p
 

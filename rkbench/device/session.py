@@ -104,6 +104,8 @@ def spec_file(run: RunConfig, spec: InferenceSpec) -> str:
         measure["outputs"] = m.cpp_outputs
         measure["zero_copy"] = bool(m.cpp_zero_copy)
         measure["pass_through"] = bool(m.cpp_pass_through)
+    else:                     # tiling is the Python runner's (the C++ runner refuses keys it does not know)
+        measure.update(tile_mode=m.tile_mode, tile_grid="x".join(map(str, m.tile_grid)))
     return json.dumps({"inference": spec.to_dict(), "measure": measure}, indent=1, sort_keys=True)
 
 
@@ -304,7 +306,9 @@ class BoardSession:
             args += ["--images", d.images, "--detections", detections]
         elif mode in ("latency", "throughput"):
             args += ["--images", d.images]
-        return args   # tiling: a synthetic frame of measure.tile_frame
+        elif mode == "tiling" and self.run.measure.tile_source == "dataset":   # each image tiled, detections scored
+            args += ["--images", d.images, "--detections", detections]
+        return args   # tiling otherwise: a synthetic frame of measure.tile_frame
 
     def run_mode(self, mode: str) -> dict[str, Any]:
         """The complete result of one mode; at most two attempts, each from scratch."""
@@ -369,8 +373,8 @@ class BoardSession:
         try:
             self.transport.pull(out, local)
             loaded = load_result(str(local))
-            if mode == "eval":
-                self.transport.pull(detections, self.local_dir / "eval.detections.json")
+            if mode == "eval" or (mode == "tiling" and loaded["tiling"].get("detections_file")):
+                self.transport.pull(detections, self.local_dir / f"{mode}.detections.json")
         except (DeviceError, ResultError) as exc:
             raise _Retry(f"result of runner {mode} unusable: {exc}") from exc
         return loaded

@@ -40,16 +40,11 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else 0.0
 
 
-def count_table(coco_gt: dict, detections: list[dict], thresholds=(0.25, 0.5, 0.63, 0.8),
-                iou: float = 0.5) -> list[dict]:
-    """One row per threshold (a detection counts when score >= conf): conf, gt, correct, false, missed,
-    correct_ratio = correct/gt, false_ratio = false/(correct+false), missed_ratio = missed/gt.
-    Ground truth with iscrowd=1 is neither counted nor matched; detections on images not in coco_gt are
-    ignored; a ratio with a zero denominator is 0.0."""
-    thresholds = [float(t) for t in thresholds]
+def _matched(coco_gt: dict, detections: list[dict], floor: float, iou: float) -> tuple[list[dict], np.ndarray, int]:
+    """The detections scoring >= floor on images of coco_gt, best score first within each image, their
+    correct flags (greedy matching, see the module docstring), and the number of ground-truth boxes."""
     image_ids = {img["id"] for img in coco_gt.get("images", [])}
     gts = [a for a in coco_gt.get("annotations", []) if not a.get("iscrowd", 0) and a["image_id"] in image_ids]
-    floor = min(thresholds, default=0.0)
     dets = [d for d in detections if d["image_id"] in image_ids and d["score"] >= floor]
 
     gt_img = np.array([a["image_id"] for a in gts], dtype=np.int64)
@@ -62,7 +57,7 @@ def count_table(coco_gt: dict, detections: list[dict], thresholds=(0.25, 0.5, 0.
 
     # Detections grouped by image, best score first inside each image (stable for equal scores).
     order = np.lexsort((-det_score, det_img))
-    det_img, det_cls, det_box, det_score = det_img[order], det_cls[order], det_box[order], det_score[order]
+    det_img, det_cls, det_box = det_img[order], det_cls[order], det_box[order]
     gt_order = np.argsort(gt_img, kind="stable")
     gt_img, gt_cls, gt_box = gt_img[gt_order], gt_cls[gt_order], gt_box[gt_order]
 
@@ -72,15 +67,33 @@ def count_table(coco_gt: dict, detections: list[dict], thresholds=(0.25, 0.5, 0.
     for s, e in zip(det_starts, det_ends):
         g0, g1 = np.searchsorted(gt_img, det_img[s], "left"), np.searchsorted(gt_img, det_img[s], "right")
         correct[s:e] = _match_image(det_box[s:e], det_cls[s:e], gt_box[g0:g1], gt_cls[g0:g1], iou)
+    return [dets[i] for i in order], correct, len(gts)
 
+
+def count_table(coco_gt: dict, detections: list[dict], thresholds=(0.25, 0.5, 0.63, 0.8),
+                iou: float = 0.5) -> list[dict]:
+    """One row per threshold (a detection counts when score >= conf): conf, gt, correct, false, missed,
+    correct_ratio = correct/gt, false_ratio = false/(correct+false), missed_ratio = missed/gt.
+    Ground truth with iscrowd=1 is neither counted nor matched; detections on images not in coco_gt are
+    ignored; a ratio with a zero denominator is 0.0."""
+    thresholds = [float(t) for t in thresholds]
+    dets, correct, n_gt = _matched(coco_gt, detections, min(thresholds, default=0.0), iou)
+    det_score = np.array([d["score"] for d in dets], dtype=np.float64)
     rows = []
     for t in thresholds:
         above = det_score >= t
         n_correct = int(np.count_nonzero(correct & above))
         n_false = int(np.count_nonzero(above)) - n_correct
-        n_gt = len(gts)
         missed = n_gt - n_correct
         rows.append({"conf": t, "gt": n_gt, "correct": n_correct, "false": n_false, "missed": missed,
                      "correct_ratio": _ratio(n_correct, n_gt), "false_ratio": _ratio(n_false, n_correct + n_false),
                      "missed_ratio": _ratio(missed, n_gt)})
     return rows
+
+
+def highest_false(coco_gt: dict, detections: list[dict], floor: float = 0.0, iou: float = 0.5) -> dict | None:
+    """The highest-scoring false detection (score >= floor) under the same matching as count_table: the one
+    a threshold must pass to have no false detection at all. None when every detection is correct."""
+    dets, correct, _ = _matched(coco_gt, detections, floor, iou)
+    false = [d for d, ok in zip(dets, correct) if not ok]
+    return max(false, key=lambda d: d["score"], default=None)

@@ -45,8 +45,9 @@ class InferenceSpec:
     runtime: str = "onnxruntime"            # onnxruntime | rknn-simulator | rknnlite | null
     core_mask: str = "auto"                 # rknnlite only; "auto" everywhere else
     threads: int = 0                        # onnxruntime intra-op threads (0 = its default)
-    mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)        # onnxruntime only: a .rknn has them folded in
-    std: Tuple[float, float, float] = (255.0, 255.0, 255.0)
+    # onnxruntime only (a .rknn has them folded in); one value per model input channel: 3 (RGB) or 1 (gray)
+    mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: Tuple[float, ...] = (255.0, 255.0, 255.0)
     version: int = field(default=SPEC_VERSION)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class InferenceSpec:
         if len(self.category_ids) != self.num_classes:
             raise SpecError(f"the model has {self.num_classes} classes but {len(self.category_ids)} category ids "
                             "were given: evaluate on a dataset with the model's classes")
+        if not len(self.mean) == len(self.std) in (1, 3):
+            raise SpecError(f"mean {self.mean} / std {self.std}: give one value per input channel, 3 (RGB) or 1 (gray)")
         if self.head == "yolov5" and len(self.anchors) != 3:
             raise SpecError("a yolov5 head needs 3 rows of anchors (w, h pairs in pixels per scale)")
 
@@ -101,7 +104,7 @@ class Detector:
         boxed, infos = [], []
         for img in images:
             b, info = prepost.letterbox(img, self.spec.input_size)
-            boxed.append(b)
+            boxed.append(b if len(self.spec.mean) == 3 else prepost.to_gray(b))   # a 1-channel model takes gray
             infos.append(info)
         boxed += [boxed[-1]] * (self.spec.batch - len(boxed))
         return np.stack(boxed), infos

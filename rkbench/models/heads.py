@@ -386,3 +386,31 @@ def yolov5_anchors(onnx_path: Optional[Path], checkpoint: Optional[Path], defaul
         log.warning("%s has no anchor_grid constants (dynamic export?): using the COCO anchors; "
                     "set model.anchors if the model was trained with autoanchor", Path(onnx_path).name)
     return COCO_ANCHORS.copy()
+
+
+def to_grayscale(model):
+    """A 1-channel copy of a 3-channel ONNX model: each conv reading the image gets its weights summed over the
+    input channels. A gray image G then gives exactly the activations the 3-channel model gives (G, G, G), so no
+    training is needed. Raises ValueError naming what the graph lacks."""
+    import copy
+
+    from onnx import numpy_helper
+
+    model = copy.deepcopy(model)
+    graph = model.graph
+    image = graph.input[0]
+    dims = image.type.tensor_type.shape.dim
+    if len(dims) != 4 or dims[1].dim_value != 3:
+        raise ValueError(f"input {image.name} is not N x 3 x H x W")
+    readers = [n for n in graph.node if image.name in n.input]
+    weights = {w.name: w for w in graph.initializer}
+    for node in readers:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type != "Conv" or group != 1 or node.input[1] not in weights:
+            raise ValueError(f"the image is read by {node.op_type} {node.name}, not a plain Conv with constant weights")
+        w = numpy_helper.to_array(weights[node.input[1]])
+        weights[node.input[1]].CopyFrom(numpy_helper.from_array(w.sum(axis=1, keepdims=True), node.input[1]))
+    if not readers:
+        raise ValueError(f"nothing reads the input {image.name}")
+    dims[1].dim_value = 1
+    return model

@@ -321,6 +321,21 @@ def tiles(width: int, height: int, tile: int, overlap: float) -> List[Tuple[int,
     return [(x, y) for y in starts(height) for x in starts(width)]
 
 
+def to_gray(img_rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> H x W x 1 gray (ITU-R 601 weights, cv2's), the input of a 1-channel model."""
+    import cv2
+
+    return cv2.cvtColor(img_rgb, cv2.COLOR_RGB2GRAY)[..., None]
+
+
+def grid_tiles(width: int, height: int, cols: int, rows: int) -> List[Tuple[int, int, int, int]]:
+    """A cols x rows grid of (x, y, w, h) windows covering the frame without overlap (each one letterboxed to the
+    model size: "resized" tiles, e.g. a 1920x1080 frame as 4 tiles of 960x540 down to 640)."""
+    xs = [round(i * width / cols) for i in range(cols + 1)]
+    ys = [round(j * height / rows) for j in range(rows + 1)]
+    return [(xs[i], ys[j], xs[i + 1] - xs[i], ys[j + 1] - ys[j]) for j in range(rows) for i in range(cols)]
+
+
 def merge_tiles(per_tile: Sequence[Tuple[Boxes, np.ndarray, np.ndarray]], origins: Sequence[Tuple[int, int]],
                 iou_thr: float) -> Tuple[Boxes, np.ndarray, np.ndarray]:
     """Shift each tile's detections to frame coordinates and merge the overlaps with per-class NMS."""

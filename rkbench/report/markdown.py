@@ -14,6 +14,7 @@ from rkbench.metrics import EVAL_MAP, WHERE, where
 from rkbench.report.frontier import Frontier, fastest
 from rkbench.report.gate import Row
 from rkbench.report.plots import metric_label
+from rkbench.report.studies import section as study_section
 from rkbench.report.runs import Pivot, RunRecord, Selection, config_label, latency_stem, latest_per_config
 from rkbench.report.validity import Limits, as_text, timing, validity
 
@@ -334,7 +335,7 @@ def render(sel: Selection, pivots: list[tuple[Pivot, Optional[str]]], generated:
            gate: Optional[list[Row]] = None, baseline: str = "", studies: Sequence[str] = ()) -> str:
     """The whole report; `pivots` and `fronts` pair each with its plot file name (relative), or None;
     `gate` the baseline comparison rows, if one was asked for; `studies` the studies' own sections' lines."""
-    lines = (_header(sel, generated) + _gate(gate, baseline) + _search(sel) + _where(sel) + _runs_table(sel, limits)
-             + _reused(sel) + _collapsed(sel) + _failures(sel) + _pivots(pivots) + _front(list(fronts)) + list(studies)
-             + _per_class(sel) + _cpp(sel) + _latency(sel, limits) + _counts(sel))
+    lines = (_header(sel, generated) + _gate(gate, baseline) + _search(sel) + _where(sel) + study_section(sel)
+             + _runs_table(sel, limits) + _reused(sel) + _collapsed(sel) + _failures(sel) + _pivots(pivots)
+             + _front(list(fronts)) + list(studies) + _per_class(sel) + _cpp(sel) + _latency(sel, limits) + _counts(sel))
     return "\n".join(lines) + "\n"

@@ -49,8 +49,8 @@ def _check_model_file(model_path: str) -> None:
 
 
 def _check_batch(batch: np.ndarray) -> None:
-    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
-        raise BackendError(f"runtime input must be N x H x W x 3 uint8 RGB, got {batch.dtype} {tuple(batch.shape)}: "
+    if batch.ndim != 4 or batch.shape[-1] not in (1, 3) or batch.dtype != np.uint8:   # 1: a gray model
+        raise BackendError(f"runtime input must be N x H x W x 3 uint8 RGB (x 1 gray), got {batch.dtype} {tuple(batch.shape)}: "
                            "pass letterboxed frames stacked with np.stack")
 
 
@@ -104,13 +104,16 @@ class OnnxRuntimeRuntime(Runtime):
             raise BackendError(f"{model_path} has {len(inputs)} inputs: export a detector with one image input")
         self._input = inputs[0].name
         self._dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-        self._mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
-        self._std = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
+        self._mean = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, -1)   # one per input channel
+        self._std = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, -1)
         self._version = onnxruntime.__version__
         self.where = where
 
     def infer(self, batch: np.ndarray) -> List[np.ndarray]:
         _check_batch(batch)
+        if batch.shape[-1] != self._mean.shape[-1]:
+            raise BackendError(f"{batch.shape[-1]}-channel frames for mean/std of {self._mean.shape[-1]} channels: give "
+                               "one mean and std value per model input channel")
         x = (batch.astype(np.float32) - self._mean) / self._std
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=self._dtype)
         try:

@@ -17,6 +17,7 @@ is a DeviceError naming the fix; the pipeline turns it into a FAILED run and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -230,12 +231,18 @@ def describe_mode(mode: str, result: dict[str, Any], run: RunConfig) -> str:
     if mode == "throughput":
         tp = result["throughput"]
         masks = ",".join(w["core_mask"] for w in tp["workers"])
-        return (f"throughput: {len(tp['workers'])} workers (core masks {masks}), {tp['frames']} frames in "
+        runtime = result.get("runtime") or {}
+        threads = (f", {runtime.get('threads') or 'default'} ONNX Runtime threads each"
+                   if runtime.get("kind") == "onnxruntime" else "")
+        return (f"throughput: {len(tp['workers'])} workers (core masks {masks}{threads}), {tp['frames']} frames in "
                 f"{tp['wall_s']:.2f} s, {tp['warmup_per_worker']} warmup per worker, in order={tp['in_order']}"
                 f"{', one rknn context per worker' if runner_of(result) == 'cpp' else ''}{_cpp_settings(result)}")
     tl = result["tiling"]
-    return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame in {tl['tiles_per_frame']} tiles of {tl['tile']} px "
-            f"(overlap {tl['overlap']:g}), {tl['warmup']} warmup + {tl['frames']} frames")
+    tiles = (f"{tl['tiles_per_frame']} tiles of a {tl['tile_grid']} grid letterboxed to {tl['tile']} px"
+             if tl.get("tile_mode") == "resized" else f"{tl['tiles_per_frame']} tiles of {tl['tile']} px (overlap {tl['overlap']:g})")
+    scored = f", merged detections of {tl['images']} images scored (tiling/map50_95)" if tl.get("images") else ""
+    return (f"tiling: {tl['frame'][0]}x{tl['frame'][1]} frame (the last one) in {tiles}, {tl['warmup']} warmup + "
+            f"{tl['frames']} frames from {tl['source']}{scored}")
 
 
 def _cpp_settings(result: dict[str, Any]) -> str:
@@ -352,6 +359,8 @@ def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Op
     uses_rknn = run.board.runtime == "rknnlite" or run.runner == "cpp"
     model = rknn_art.path if uses_rknn else onnx.path
     spec = inference_spec(run, onnx.info, dataset, "rknnlite" if uses_rknn else run.board.runtime)
+    if not uses_rknn:   # ONNX Runtime's intra-op threads per runtime (the threadpool study: one core per worker)
+        spec = dataclasses.replace(spec, threads=run.measure.threads)
     log.info("deploying %s, the %s runner and %d images to the %s (files already there are skipped)", model.name,
              run.runner, len(dataset.images), where)
     work = cache_root / "board" / "inputs"
@@ -390,6 +399,10 @@ def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Op
             attach(detections_file, "detections")
         else:
             found = mode_metrics(mode, result, where)
+        if mode == "tiling" and result["tiling"].get("detections_file"):   # each image tiled: mAP of the merged tiles
+            detections_file = session.local_dir / "tiling.detections.json"
+            found.update(score(dataset, json.loads(detections_file.read_text()), run.eval, "tiling"))
+            attach(detections_file, "detections")
         if not how:
             how.append(describe_runner(result, where))
         retried = " (second attempt)" if session.attempts[mode] > 1 else ""

@@ -18,7 +18,7 @@ __all__ = ["ConvertOptions", "convert", "write_calibration"]  # ConvertOptions: 
 log = logging.getLogger("rkbench.convert")
 
 
-def write_calibration(images: list[Path], resolution: int, out_dir: Path) -> Path:
+def write_calibration(images: list[Path], resolution: int, out_dir: Path, channels: int = 3) -> Path:
     """Letterbox the calibration images exactly like inference does and list them for the toolkit.
     Saved as lossless PNGs of the model size, so the toolkit's own resize is the identity.
 
@@ -27,13 +27,13 @@ def write_calibration(images: list[Path], resolution: int, out_dir: Path) -> Pat
     characters in its path never reaches that split."""
     import cv2
 
-    from rkbench.models.prepost import letterbox, load_rgb
+    from rkbench.models.prepost import letterbox, load_rgb, to_gray
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for i, src in enumerate(images):
         boxed, _ = letterbox(load_rgb(src), resolution)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(boxed, cv2.COLOR_RGB2BGR))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(boxed, cv2.COLOR_RGB2BGR) if channels == 3 else to_gray(boxed))
         if not ok:
             raise StageError("convert", f"cannot encode calibration image {src} as PNG", "check the image opens with cv2.imread")
         names.append(f"calib_{i:04d}.png")
@@ -59,7 +59,7 @@ def convert(onnx: Artifact, opts: ConvertOptions, resolution: int, calib_images:
         work = cache.begin(entry)
         hint = ("the official Ultralytics head does not build on rknn-toolkit2 2.x: use export=rknn"
                 if head == "ultralytics" else "see convert.log in the run's artifacts")
-        calib_list = write_calibration(calib_images, resolution, work / "calib") if opts.quantize else None
+        calib_list = write_calibration(calib_images, resolution, work / "calib", opts.channels) if opts.quantize else None
         started = time.perf_counter()
         try:
             rknn = build_rknn(onnx.path, opts, calib_list, work / "convert.log", hint)

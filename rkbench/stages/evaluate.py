@@ -18,7 +18,7 @@ from rkbench.cache import StageCache, stage_key
 from rkbench.config import EvalConfig
 from rkbench.data.datasets import Dataset
 from rkbench.eval.coco import coco_metrics, per_class_ap
-from rkbench.eval.counts import count_table
+from rkbench.eval.counts import count_table, highest_false
 from rkbench.models.detect import Detector, InferenceSpec
 from rkbench.runtimes.backends import Runtime
 from rkbench.progress import bar
@@ -49,6 +49,9 @@ def score(dataset: Dataset, detections: list[dict], cfg: EvalConfig, prefix: str
             for k, v in row.items():
                 if k != "conf":
                     metrics[f"counts/c{row['conf']:g}/{k}"] = float(v)
+        worst = highest_false(dataset.coco_gt, detections, min(cfg.count_thresholds, default=0.0))
+        if worst is not None:   # the thresholds study's "highest-scoring false detection"
+            metrics.update({f"counts/top_false/{k}": float(worst[k]) for k in ("score", "image_id", "category_id")})
     return metrics
 
 

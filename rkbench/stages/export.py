@@ -129,3 +129,24 @@ def export(model: ModelConfig, resolution: int, head: str, activation: str, cach
             info["family"] = model.family
             cache.commit(entry, {"onnx": out.name}, info)
         return from_cache(entry, "onnx")
+
+
+def grayscale(onnx_in: Artifact, cache: StageCache) -> Artifact:
+    """The 1-channel model of `channels=1` (heads.to_grayscale), cached by the 3-channel model's content."""
+    key = stage_key("grayscale", src=onnx_in.sha256, code=EXPORT_CODE_VERSION)
+    with cache.open("grayscale", key) as entry:
+        if not entry.hit:
+            import onnx
+
+            from rkbench.models.heads import to_grayscale
+
+            out = cache.begin(entry) / "model.onnx"
+            try:
+                gray = to_grayscale(onnx.load(str(onnx_in.path)))
+            except ValueError as exc:
+                raise StageError("export", f"cannot derive a 1-channel model: {exc}", "use channels=3") from None
+            onnx.save(gray, str(out))
+            shape = list(onnx_in.info.get("input_shape") or [])
+            info = dict(onnx_in.info, channels=1, **({"input_shape": shape[:1] + [1] + shape[2:]} if len(shape) == 4 else {}))
+            cache.commit(entry, {"onnx": out.name}, info)
+        return from_cache(entry, "onnx")

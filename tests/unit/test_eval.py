@@ -6,7 +6,7 @@ import math
 import pytest
 
 from rkbench.eval.coco import KEYS, coco_metrics, per_class_ap
-from rkbench.eval.counts import count_table
+from rkbench.eval.counts import count_table, highest_false
 
 
 def _gt(boxes: list[tuple[int, int, list[float]]], crowd: tuple[int, ...] = ()) -> dict:
@@ -134,3 +134,16 @@ def test_count_table_without_detections_or_ground_truth():
     empty = {"images": [{"id": 1, "width": 8, "height": 8}], "annotations": [], "categories": []}
     (row,) = count_table(empty, [_det(1, 1, [0, 0, 4, 4], 0.9)], thresholds=(0.25,))
     assert (row["gt"], row["false"], row["correct_ratio"], row["false_ratio"]) == (0, 1, 0.0, 1.0)
+
+
+def test_highest_false_is_the_best_scoring_unmatched_detection():
+    gt = _gt([(1, 1, [0, 0, 10, 10]), (2, 1, [0, 0, 10, 10])])
+    dets = [_det(1, 1, [0, 0, 10, 10], 0.9),     # correct
+            _det(1, 1, [0, 0, 10, 10], 0.8),     # duplicate: false, the highest false one
+            _det(2, 2, [0, 0, 10, 10], 0.6),     # wrong class: false
+            _det(2, 1, [0, 0, 10, 10], 0.5)]     # correct
+    assert highest_false(gt, dets) == dets[1]
+    assert highest_false(gt, dets, floor=0.85) is None
+    assert highest_false(gt, [dets[0], dets[3]]) is None
+    # the same matching as the count table: its false count at 0.25 holds the highest false one
+    assert count_table(gt, dets, thresholds=(0.25,))[0]["false"] == 2

@@ -262,3 +262,30 @@ def test_yolov5_checkpoint_reader_runs_no_pickled_code(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(DataError, match="not found"):
         heads.yolov5_anchors(None, tmp_path / "missing.pt")
+
+
+def test_grayscale_model_is_exact_for_gray_images():
+    """channels=1: the first conv's weights summed over RGB give, on a gray image, what the RGB model gives on that
+    image replicated to 3 channels; a graph whose image is not read by a plain Conv is refused."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rkbench.models.heads import to_grayscale
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1])
+    act = helper.make_node("Sigmoid", ["c"], ["out"])
+    graph = helper.make_graph([conv, act], "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    rgb = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    gray = to_grayscale(rgb)
+    assert [d.dim_value for d in gray.graph.input[0].type.tensor_type.shape.dim] == [1, 1, 8, 8]
+    x = rng.random((1, 1, 8, 8), dtype=np.float32)
+    run = lambda m, v: ort.InferenceSession(m.SerializeToString()).run(None, {"images": v})[0]   # noqa: E731
+    np.testing.assert_allclose(run(gray, x), run(rgb, np.repeat(x, 3, axis=1)), atol=1e-5)
+    assert [d.dim_value for d in rgb.graph.input[0].type.tensor_type.shape.dim][1] == 3   # the source is untouched
+    graph.node[0].op_type = "ConvTranspose"
+    with pytest.raises(ValueError, match="not a plain Conv"):
+        to_grayscale(helper.make_model(graph))

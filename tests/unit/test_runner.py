@@ -196,6 +196,23 @@ def test_tiling_covers_the_frame(board):
     assert counts["min"] == counts["p99"] == len(t["last_frame_detections"]) > 0
 
 
+def test_resized_tiles_grid_the_frame_and_dataset_frames_are_all_scored(board):
+    r = board.ok("tiling", "--frame-size", "200x150", "--tile-mode", "resized", "--tile-grid", "2x2", "--iterations", "2",
+                 "--min-seconds", "0")["tiling"]
+    assert r["tile_mode"] == "resized" and r["tiles_per_frame"] == 4 and "detections_file" not in r
+    assert r["tile_windows"] == [[0, 0, 100, 75], [100, 0, 100, 75], [0, 75, 100, 75], [100, 75, 100, 75]]
+    # frames from the images list: each image once in the detections file, even those the timed loop missed
+    t = board.ok("tiling", "--images", str(board.images), "--iterations", "1", "--min-seconds", "0", "--warmup", "0",
+                 "--detections", "tiles.json")["tiling"]
+    assert t["frames"] == 1 and t["images"] == len(IMAGES)
+    dets = json.loads((board.dir / "tiles.json").read_text())
+    assert {d["image_id"] for d in dets} <= set(IMAGES) and {d["category_id"] for d in dets} <= {1, 5, 9}
+    for d in dets:
+        w, h = IMAGES[d["image_id"]]
+        x, y, bw, bh = d["bbox"]
+        assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01
+
+
 def test_missing_sysfs_is_recorded_not_fatal(board, tmp_path):
     r = board.ok("latency", "--iterations", "2", "--min-seconds", "0", "--warmup", "0", "--sysfs-root", str(tmp_path))
     npu = r["system"]["npu_load"]
