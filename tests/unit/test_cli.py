@@ -9,7 +9,6 @@ import fcntl
 import io
 import os
 import pty
-import re
 import struct
 import termios
 import time

@@ -267,7 +267,6 @@ def test_yolov5_checkpoint_reader_runs_no_pickled_code(tmp_path, monkeypatch):
 def test_grayscale_model_is_exact_for_gray_images():
     """channels=1: the first conv's weights summed over RGB give, on a gray image, what the RGB model gives on that
     image replicated to 3 channels; a graph whose image is not read by a plain Conv is refused."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
