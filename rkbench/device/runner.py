@@ -69,7 +69,7 @@ def versions() -> Dict[str, Optional[str]]:
 
 # Measure settings: spec file "measure" section, overridden by a flag given on the command line.
 MEASURE_DEFAULTS = {"warmup": 5, "iterations": 50, "min_seconds": 2.0, "frames": 100, "cores": "auto",
-                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": 0.2}
+                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": sampling.SAMPLE_INTERVAL_S}
 
 
 def build_parser() -> argparse.ArgumentParser:
