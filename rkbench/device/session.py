@@ -391,6 +391,7 @@ class BoardSession:
                 self.transport.pull(self._samples(out), samples)
                 loaded["system"] = shell_sampler.parse_samples(samples.read_text(), self.sampling,
                                                                posixpath.basename(self.deployed.runner))
+                local.write_text(json.dumps(loaded, indent=1))   # the result artifact carries it too
         except (DeviceError, ResultError) as exc:
             raise _Retry(f"result of runner {mode} unusable: {exc}") from exc
         return loaded
