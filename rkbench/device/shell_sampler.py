@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from rkbench.device import sampling
+from rkbench.device.doctor import BoardFacts
 
 # $1 the runner's pid, $2 seconds between samples, $3 the NPU load file, $4 clock sources, one
 # `name<TAB>value file<TAB>governor file or -` line each. One sample: `t<TAB>uptime`, the /proc/stat cpu line,
@@ -65,8 +66,8 @@ class ShellSampling:
         return [f"{self.interval:g}", sampling.NPU_LOAD, lines]
 
 
-def probed_sources(facts: Any) -> dict[str, sampling.Source]:
-    """sampling.clock_sources' names and files, from what the board probe found (doctor.BoardFacts): the NPU's
+def probed_sources(facts: BoardFacts) -> dict[str, sampling.Source]:
+    """sampling.clock_sources' names and files, from what the board probe found: the NPU's
     devfreq node (or SCMI clock), dmc, the cpufreq policies and the thermal zones."""
     out: dict[str, sampling.Source] = {}
     npu = facts.npu_freq_source
@@ -139,6 +140,6 @@ def parse_samples(text: str, plan: ShellSampling, runner_name: str) -> dict[str,
     system = sampling.summary(plan.interval, len(samples), sampling.npu_summary(sampling.NPU_LOAD, npu, npu_problem),
                               sampling.cpu_load(times), sampling.clock_summary(plan.sources, clocks, governors), memory)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    system.update(window=WINDOW, window_s=stamps[-1] - stamps[0] if stamps else 0.0,
+    system.update(window=WINDOW, window_s=round(stamps[-1] - stamps[0], 2) if stamps else 0.0,   # uptime: 10 ms steps
                   interval_measured_s=sum(gaps) / len(gaps) if gaps else None)
     return system
