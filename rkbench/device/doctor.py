@@ -73,8 +73,14 @@ for p in /sys/devices/system/cpu/cpufreq/policy*; do
   fi
 done
 for z in /sys/class/thermal/thermal_zone*; do
-  if [ -f "$z/temp" ]; then kv "thermal.$(cat "$z/type" 2>/dev/null || echo "${z##*/}")" "$(cat "$z/temp" 2>/dev/null)"; fi
+  if [ -f "$z/temp" ]; then
+    t="$(cat "$z/type" 2>/dev/null || echo "${z##*/}")"
+    kv "thermal.$t" "$(cat "$z/temp" 2>/dev/null)"
+    kv "thermal_zone.$t" "$z"
+  fi
 done
+# the runner's launcher starts it with setsid (its own process group, killable on timeout / lost link)
+kv setsid "$(command -v setsid 2>/dev/null)"
 d="$root"
 while [ ! -d "$d" ]; do d="$(dirname "$d")"; done
 kv df "$(df -Pk "$d" 2>/dev/null | tail -n 1)"
@@ -136,6 +142,8 @@ class BoardFacts:
     cpu_freq_khz: dict[str, int] = field(default_factory=dict)      # cpufreq policy -> kHz
     cpu_governor: dict[str, str] = field(default_factory=dict)
     thermal_c: dict[str, float] = field(default_factory=dict)      # thermal zone type -> degrees C
+    thermal_zones: dict[str, str] = field(default_factory=dict)    # thermal zone type -> its /sys/class/thermal dir
+    setsid: Optional[str] = None            # `command -v setsid`: the runner's launcher needs it
     free_mib: Optional[float] = None
     host_toolkit: Optional[str] = None      # rknn-toolkit2 on the host (builds the models)
 
@@ -175,7 +183,8 @@ class Finding:
     level: str      # error | warning | info
     what: str
     fix: str
-    needs: str = "npu"   # what it blocks: "npu" (the NPU stack: rknnlite, C++ runner) or "python" (the Python runner)
+    needs: str = "npu"   # what it blocks: "npu" (the NPU stack: rknnlite, C++ runner), "python" (the Python runner)
+    #                      or "runner" (both runners: the launcher)
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -220,6 +229,7 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
     facts.dmc = values.get("dmc") == "1"
     facts.ddr_freq_hz = _int(values.get("ddr_freq"))
     facts.ddr_governor = values.get("ddr_governor") or None
+    facts.setsid = values.get("setsid") or None
     for key, value in values.items():
         if key.startswith("cpu."):
             freq, _, governor = value.partition(" ")
@@ -229,6 +239,8 @@ def parse_probe(output: str, transport: str, remote_root: str, host_toolkit: Opt
                 facts.cpu_governor[key[4:]] = governor
         elif key.startswith("thermal.") and _int(value) is not None:
             facts.thermal_c[key[8:]] = int(value) / 1000     # millidegrees
+        elif key.startswith("thermal_zone.") and value:
+            facts.thermal_zones[key[13:]] = value
     df = values.get("df", "").split()
     if len(df) >= 4 and df[3].isdigit():
         facts.free_mib = int(df[3]) / 1024
@@ -299,6 +311,11 @@ def check(facts: BoardFacts, *, expected_soc: Optional[str] = None) -> list[Find
         if facts.toolkit_lite2 is None:
             add("info", f"rknn-toolkit-lite2 not installed for the board's {py}",
                 "pip install the rknn_toolkit_lite2 wheel for the board's Python (runtime=rknnlite needs it)")
+    if facts.setsid is None:
+        found.append(Finding("error", "no setsid on the board: the runner's launcher starts the runner in its own "
+                             "process group with it (so a timeout or a lost link can kill it)",
+                             "install util-linux (apt install util-linux), or a busybox/toybox that has setsid",
+                             "runner"))
     if facts.npu_driver is None:
         add("warning", "NPU driver version unreadable (/sys/kernel/debug/rknpu/version)",
             "run adbd as root (`adb root`) or read it from `dmesg | grep -i rknpu`")
@@ -330,7 +347,7 @@ def format_report(facts: BoardFacts, findings: list[Finding]) -> str:
             ("cpu", ", ".join(f"{p} {f / 1e3:.0f} MHz {facts.cpu_governor.get(p, '')}".strip()
                               for p, f in sorted(facts.cpu_freq_khz.items()))),
             ("temperature", ", ".join(f"{z} {c:.1f} C" for z, c in sorted(facts.thermal_c.items()))),
-            ("npu load", facts.npu_load),
+            ("npu load", facts.npu_load), ("setsid", facts.setsid or "missing"),
             ("free", facts.free_mib is not None and f"{facts.free_mib:.0f} MiB under {facts.remote_root}")]
     lines = ["Board facts"] + ["  " + line for line in tables.text(["fact", "value"], [[k, v or "-"] for k, v in rows])
                                .splitlines()]

@@ -69,8 +69,8 @@ def versions() -> Dict[str, Optional[str]]:
 
 # Measure settings: spec file "measure" section, overridden by a flag given on the command line.
 MEASURE_DEFAULTS = {"warmup": 5, "iterations": 50, "min_seconds": 2.0, "frames": 100, "cores": "auto",
-                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": 0.2, "tile_mode": "native",
-                    "tile_grid": "2x2"}
+                    "frame_size": "1920x1080", "overlap": 0.2, "sample_interval": sampling.SAMPLE_INTERVAL_S,
+                    "tile_mode": "native", "tile_grid": "2x2"}
 
 
 def build_parser() -> argparse.ArgumentParser:

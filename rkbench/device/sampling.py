@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 NPU_LOAD = "/sys/kernel/debug/rknpu/load"
+SAMPLE_INTERVAL_S = 0.2   # seconds between samples, both runners (the C++ runner's: shell_sampler.py)
 # The NPU's devfreq node: <addr>.npu on vendor kernels, devfreq0 on some newer ones; else only the SCMI
 # clock's rate (rknn_model_zoo's scaling_frequency.sh looks in the same places, in this order).
 NPU_DEVFREQ = ("/sys/class/devfreq/*npu*", "/sys/class/devfreq/devfreq0")
@@ -69,14 +70,20 @@ def read_text(path: str) -> Tuple[Optional[str], str]:
         return None, f"unreadable: {path} ({exc.strerror})"
 
 
-def cpu_times() -> Optional[Tuple[int, int]]:
-    """(busy, total) jiffies of all CPUs from /proc/stat, None where there is none."""
-    text, _ = read_text("/proc/stat")
+def cpu_times(text: Optional[str] = None) -> Optional[Tuple[int, int]]:
+    """(busy, total) jiffies of all CPUs from /proc/stat (or its text read elsewhere), None where there is none."""
+    if text is None:
+        text, _ = read_text("/proc/stat")
     if not text or not text.startswith("cpu "):
         return None
     values = [int(v) for v in text.splitlines()[0].split()[1:]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)   # idle + iowait
     return sum(values) - idle, sum(values)
+
+
+def cpu_load(times: List[Tuple[int, int]]) -> List[float]:
+    """Percent busy between consecutive (busy, total) readings (equal totals: no tick passed, left out)."""
+    return [100.0 * (b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(times, times[1:]) if b[1] > a[1]]
 
 
 def status_mib(pid: int, field: str) -> Optional[float]:
@@ -160,28 +167,41 @@ class SystemSampler:
                 self._governors[name].append(governor)
 
     def result(self) -> Dict[str, Any]:
-        if self._npu:
-            npu: Dict[str, Any] = {"available": True, "path": self.npu_path,
-                                   "per_core": {c: {"mean_pct": float(np.mean(v)), "max_pct": float(np.max(v)),
-                                                    "samples": len(v)} for c, v in sorted(self._npu.items())}}
-        else:
-            npu = {"available": False, "path": self.npu_path, "reason": self._npu_problem or "no samples"}
-        cpu: Dict[str, Any] = ({"available": True, "mean_pct": float(np.mean(self._cpu)), "max_pct": float(np.max(self._cpu)),
-                                "samples": len(self._cpu)} if self._cpu
-                               else {"available": False, "reason": "no /proc/stat deltas"})
         peak, source = peak_rss_mib()
         if peak is not None and self._rss and max(self._rss) > peak:   # the kernel updates VmHWM lazily
             peak, source = max(self._rss), "VmRSS sampled (above VmHWM)"
-        clocks = {name: {"path": path, "unit": unit, "min": min(v), "max": max(v), "mean": float(np.mean(v)),
-                         "samples": len(v), "governors": self._governors[name]}
-                  for name, (path, _, _, unit) in self.sources.items() for v in [self._clocks[name]] if v}
-        return {"interval_s": self.interval, "samples": self.samples, "npu_load": npu, "cpu_load": cpu,
-                "clocks": clocks,
-                "memory": {"pid": self.pid, "peak_rss_mib": peak, "source": source,
-                           "rss_mib_mean": float(np.mean(self._rss)) if self._rss else None,
-                           "rss_mib_max_sampled": max(self._rss) if self._rss else None,
-                           "rss_samples": len(self._rss)}}
+        return summary(self.interval, self.samples, npu_summary(self.npu_path, self._npu, self._npu_problem),
+                       self._cpu, clock_summary(self.sources, self._clocks, self._governors),
+                       dict(memory_summary(self._rss, peak, source), pid=self.pid))
 
+
+def npu_summary(path: str, per_core: Dict[str, List[float]], problem: str) -> Dict[str, Any]:
+    if not per_core:
+        return {"available": False, "path": path, "reason": problem or "no samples"}
+    return {"available": True, "path": path,
+            "per_core": {c: {"mean_pct": float(np.mean(v)), "max_pct": float(np.max(v)), "samples": len(v)}
+                         for c, v in sorted(per_core.items())}}
+
+
+def clock_summary(sources: Dict[str, Source], values: Dict[str, List[float]],
+                  governors: Dict[str, List[str]]) -> Dict[str, Any]:
+    return {name: {"path": path, "unit": unit, "min": min(v), "max": max(v), "mean": float(np.mean(v)),
+                   "samples": len(v), "governors": governors.get(name, [])}
+            for name, (path, _, _, unit) in sources.items() for v in [values.get(name)] if v}
+
+
+def memory_summary(rss: List[float], peak: Optional[float], source: str) -> Dict[str, Any]:
+    return {"peak_rss_mib": peak, "source": source, "rss_mib_mean": float(np.mean(rss)) if rss else None,
+            "rss_mib_max_sampled": max(rss) if rss else None, "rss_samples": len(rss)}
+
+
+def summary(interval: float, samples: int, npu: Dict[str, Any], cpu: List[float], clocks: Dict[str, Any],
+            memory: Dict[str, Any]) -> Dict[str, Any]:
+    """A result's "system" section, the same for both runners (stages/board.py turns it into metrics)."""
+    load: Dict[str, Any] = ({"available": True, "mean_pct": float(np.mean(cpu)), "max_pct": float(np.max(cpu)),
+                             "samples": len(cpu)} if cpu else {"available": False, "reason": "no /proc/stat deltas"})
+    return {"interval_s": interval, "samples": samples, "npu_load": npu, "cpu_load": load, "clocks": clocks,
+            "memory": memory}
 
 
 def board_path(sysfs_root: str, path: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from rkbench.config import NPU_CORES, RunConfig
 from rkbench.data.datasets import Dataset
+from rkbench.device import shell_sampler
 from rkbench.device.deploy import cache_path, deploy_with_report
 from rkbench.device.transport import ShellResult, Transport, wait_for_link
 from rkbench.errors import DeviceError
@@ -211,16 +212,21 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
 # and process group (setsid; not forked again, as the shell's background child is no group leader), its pid
 # is in <remote_root>/run/<name>.pid while it runs, and the host kills that group itself (kill_runners).
 RUN_DIR = "run"
-_LAUNCH = r"""
+# The C++ runner's launch also samples the board beside it (shell_sampler.py: $2 the samples file, then the
+# loop's interval, NPU load file and clock sources); the launcher waits for the loop, so the file is complete.
+_LAUNCH = shell_sampler.SAMPLE_LOOP + r"""
 command -v setsid >/dev/null 2>&1 || { echo "runner: error: setsid not found on the board: install util-linux (or a busybox/toybox with setsid)"; exit 125; }
-f=$1; shift
+f=$1; samples=$2; shift 2
+if [ -n "$samples" ]; then every=$1; npu=$2; src=$3; shift 3; fi
 mkdir -p "${f%/*}" || exit 125
 setsid "$@" &
 pid=$!
 echo "$pid" > "$f"
+if [ -n "$samples" ]; then sample "$pid" "$every" "$npu" "$src" > "$samples" 2>/dev/null & spid=$!; fi
 wait "$pid"
 code=$?
 rm -f "$f"
+if [ -n "$samples" ]; then wait "$spid"; fi
 exit "$code"
 """
 # Kills the group of every pid file in $1 whose process is ours: its command line names $2 (remote_root),
@@ -238,9 +244,12 @@ true
 """
 
 
-def launched(args: list[str], pidfile: str) -> list[str]:
-    """`args` run in their own process group with their pid in `pidfile` while they run; exit status kept."""
-    return ["sh", "-c", _LAUNCH, "sh", pidfile, *args]
+def launched(args: list[str], pidfile: str, samples: str = "",
+             plan: Optional[shell_sampler.ShellSampling] = None) -> list[str]:
+    """`args` run in their own process group with their pid in `pidfile` while they run; exit status kept.
+    With `samples` and `plan`, the launcher's sh loop samples the board into the file `samples` meanwhile."""
+    sampled = [samples, *plan.args()] if samples and plan else [""]
+    return ["sh", "-c", _LAUNCH, "sh", pidfile, *sampled, *args]
 
 
 def kill_runners(transport: Transport, remote_root: str, why: str) -> list[int]:
@@ -292,6 +301,7 @@ class BoardSession:
     remote_dir: str
     attempts: dict[str, int] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)      # mode -> the runner's stdout and stderr (last attempt)
+    sampling: Optional[shell_sampler.ShellSampling] = None   # the C++ runner's: sampled by its launcher
 
     def command(self, mode: str, out: str, detections: str) -> list[str]:
         """Everything about the model and how to measure is in the spec file; the command says what to do."""
@@ -331,7 +341,8 @@ class BoardSession:
         timeout = self.run.board.timeout_s
         started = time.monotonic()
         try:
-            return self.transport.shell(launched(self.command(mode, out, detections), pidfile), timeout=timeout)
+            return self.transport.shell(launched(self.command(mode, out, detections), pidfile, self._samples(out),
+                                                 self.sampling), timeout=timeout)
         except KeyboardInterrupt:
             self._kill_quietly(f"Ctrl-C during {mode}")
             raise
@@ -342,6 +353,10 @@ class BoardSession:
                                   "group was killed there): raise board.timeout_s or lower "
                                   "measure.iterations/min_seconds/frames") from exc
             raise _Retry(f"connection lost while the runner ran {mode} ({exc})") from exc
+
+    def _samples(self, out: str) -> str:
+        """The board file the launcher's sampling loop writes for the result `out` ("" without sampling)."""
+        return out[:-len(".json")] + ".samples" if self.sampling else ""
 
     def _kill_quietly(self, why: str) -> None:
         try:
@@ -375,6 +390,12 @@ class BoardSession:
             loaded = load_result(str(local))
             if mode == "eval" or (mode == "tiling" and loaded["tiling"].get("detections_file")):
                 self.transport.pull(detections, self.local_dir / f"{mode}.detections.json")
+            if self.sampling:   # the C++ runner's system section, from its launcher's samples
+                samples = self.local_dir / f"{mode}.samples"
+                self.transport.pull(self._samples(out), samples)
+                loaded["system"] = shell_sampler.parse_samples(samples.read_text(), self.sampling,
+                                                               posixpath.basename(self.deployed.runner))
+                local.write_text(json.dumps(loaded, indent=1))   # the result artifact carries it too
         except (DeviceError, ResultError) as exc:
             raise _Retry(f"result of runner {mode} unusable: {exc}") from exc
         return loaded

@@ -32,6 +32,7 @@ from rkbench.config import RunConfig
 from rkbench.data.datasets import Dataset
 from rkbench.device import clocks, runner_log
 from rkbench.device.doctor import BoardFacts, Finding, check, host_toolkit_version, probe
+from rkbench.device.shell_sampler import ShellSampling, probed_sources
 from rkbench.device.session import BoardSession, cpp_arch, deploy_cpp, deploy_inputs, kill_runners
 from rkbench.device.toolkit_perf import toolkit_perf
 from rkbench.device.transport import BoardGone, Transport, open_transport, wait_until_back
@@ -107,11 +108,13 @@ def blocking_findings(facts: BoardFacts, findings: list[Finding], runtime: str) 
     """What stops a run with this runtime. ONNX Runtime on the board's CPU does not touch the NPU stack,
     so SoC, librknnrt and toolkit versions only matter for rknnlite and the C++ runner (runtime "cpp"), which
     needs no Python; on the emulated board the C++ runner loads the replay stand-in, not the board's librknnrt.
-    The Python runner needs board.python with numpy and opencv (findings that need "python")."""
+    The Python runner needs board.python with numpy and opencv (findings that need "python"); both need the
+    launcher's setsid (findings that need "runner")."""
     errors = [f for f in findings if f.level == "error"]
+    launcher = [f for f in errors if f.needs == "runner"]   # both runners, every runtime (setsid)
     if runtime == "cpp":
-        return [] if facts.emulated else [f for f in errors if f.needs != "python"]
-    found = errors if runtime == "rknnlite" else [f for f in errors if f.needs == "python"]
+        return launcher + ([] if facts.emulated else [f for f in errors if f.needs == "npu"])
+    found = errors if runtime == "rknnlite" else launcher + [f for f in errors if f.needs == "python"]
     if facts.python is None:
         return found
     engine = "rknn-toolkit-lite2" if runtime == "rknnlite" else "onnxruntime"
@@ -254,7 +257,8 @@ def _cpp_settings(result: dict[str, Any]) -> str:
     through = ", pass-through input (quantised before the clock)" if runtime.get("pass_through") else ""
     memory = result.get("memory") or {}
     npu_memory = "" if memory.get("reported", True) else f", NPU memory not reported (rknn_query code {memory.get('code')})"
-    return f", outputs {runtime.get('outputs', '?')}{io}{through}{npu_memory}"
+    sampled = ", system samples: the runner's whole process (its launcher's sh loop)" if (result.get("system") or {}).get("window") else ""
+    return f", outputs {runtime.get('outputs', '?')}{io}{through}{npu_memory}{sampled}"
 
 
 def parts_of(result: dict[str, Any]) -> str:
@@ -377,7 +381,9 @@ def _on_board(run: RunConfig, transport: Transport, onnx: Artifact, rknn_art: Op
     token = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     session = BoardSession(transport, run, deployed, dataset, where,
                            local_dir=cache_root / "board" / "results" / token,
-                           remote_dir=posixpath.join(run.board.remote_root, "results", token))
+                           remote_dir=posixpath.join(run.board.remote_root, "results", token),
+                           # no Python (no sampler thread) on the board for the C++ runner: its launcher samples
+                           sampling=ShellSampling(probed_sources(facts)) if run.runner == "cpp" else None)
     session.local_dir.mkdir(parents=True, exist_ok=True)
     mkdir = transport.shell(["mkdir", "-p", session.remote_dir], timeout=60)
     if not mkdir.ok:

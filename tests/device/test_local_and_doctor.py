@@ -105,7 +105,8 @@ def test_doctor_flags_missing_dmc(local: LocalTransport) -> None:
 def _facts(**overrides) -> doctor.BoardFacts:
     base = dict(transport="t", remote_root="/data/local/tmp/rkbench", soc="rk3588", librknnrt="2.3.0",
                 rknn_server="2.3.0", python="3.10.12", numpy="1.26.4", opencv="4.10.0", toolkit_lite2="2.3.0", npu_driver="0.9.8", dmc=True,
-                host_toolkit="2.3.0", free_mib=10_000.0, npu_governor="performance", ddr_governor="performance")
+                host_toolkit="2.3.0", free_mib=10_000.0, npu_governor="performance", ddr_governor="performance",
+                setsid="/usr/bin/setsid")
     base.update(overrides)
     return doctor.BoardFacts(**base)
 
