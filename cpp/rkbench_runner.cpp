@@ -12,7 +12,8 @@
 //
 // librknnrt is opened at run time (dlopen), so one binary runs against any runtime version, or against
 // rkbench's replay stand-in (cpp/fake_librknnrt.c) on a machine without an NPU.
-// Inputs are pre-processed by the host: raw uint8 NHWC letterboxed tensors listed in the inputs file as
+// Inputs are pre-processed by the host: raw uint8 NHWC letterboxed tensors (C = 3 RGB, or 1 gray: as many
+// channels as the spec's mean/std) listed in the inputs file as
 //   image_id<TAB>path<TAB>orig_w<TAB>orig_h<TAB>scale<TAB>pad_x<TAB>pad_y   (model_xy = orig_xy * scale + pad)
 // On failure: stderr ends with one line `runner: error: ...`, the result says "complete": false, exit 1.
 #include "rknn_api_subset.h"
@@ -172,6 +173,7 @@ struct Spec {
     bool pass_through = false;      // measure.pass_through: the input quantised here, handed over with pass_through=1
     std::vector<float> anchors;     // yolov5: 3 rows of (w, h) pairs in pixels, flattened
     float mean[3] = {0, 0, 0}, std_[3] = {255, 255, 255};  // the normalisation the .rknn folds in (pass-through needs it)
+    int channels = 3;               // input channels, as many as mean/std have: 3 (RGB) or 1 (gray model)
     std::vector<std::string> cores; // measure.cores: the core mask of each throughput worker ("0,1,2")
     int frames = 30;                // measure.frames: frames through the throughput workers
     std::string inference_json;  // echoed into the result as read
@@ -252,10 +254,14 @@ Spec load_spec(const std::string &path) {
             for (const Json &v : row.arr) s.anchors.push_back((float)v.num);
     if (s.head == "yolov5" && (s.anchors.empty() || s.anchors.size() % 6))
         throw Error("a yolov5 head needs 3 rows of anchors (w, h pairs per scale) in the spec: write it with rkbench");
-    for (int c = 0; c < 3; c++) {
-        const Json *mv = inf->get("mean"), *sv = inf->get("std");
-        if (mv && mv->arr.size() == 3) s.mean[c] = (float)mv->arr[c].num;
-        if (sv && sv->arr.size() == 3) s.std_[c] = (float)sv->arr[c].num;
+    const Json *mv = inf->get("mean"), *sv = inf->get("std");
+    if (mv) s.channels = (int)mv->arr.size();
+    if ((s.channels != 1 && s.channels != 3) || (sv && (int)sv->arr.size() != s.channels))
+        throw Error("mean/std of " + std::to_string(s.channels) + " and " + std::to_string(sv ? sv->arr.size() : 3) +
+                    " channels: the spec needs one value per input channel (3 RGB or 1 gray): write it with rkbench");
+    for (int c = 0; c < s.channels; c++) {
+        if (mv) s.mean[c] = (float)mv->arr[c].num;
+        if (sv) s.std_[c] = (float)sv->arr[c].num;
     }
     if (s.batch < 1) throw Error("batch " + std::to_string(s.batch) + " must be >= 1: write the spec with rkbench");
     if (s.input_size <= 0 || s.input_size % 32) throw Error("input_size " + std::to_string(s.input_size) + " is not a positive multiple of 32: re-export the model");
@@ -341,12 +347,14 @@ struct Model {
     std::vector<rknn_output> got;
     bool zero_copy = false, pass_through = false;
     int batch = 1;
+    uint32_t channels = 3;  // of the uint8 NHWC images: the spec's, checked against the input attr
     rknn_tensor_mem *in_mem = nullptr;
     std::vector<rknn_tensor_mem *> out_mems;
     std::vector<std::vector<uint8_t>> copied;  // zero_copy: each output read out of its memory
 
     Model(Rknn &a, const std::string &path, const std::string &mask, const Spec &s)
-        : api(a), want_float(s.outputs == "float"), zero_copy(s.zero_copy), pass_through(s.pass_through), batch(s.batch) {
+        : api(a), want_float(s.outputs == "float"), zero_copy(s.zero_copy), pass_through(s.pass_through), batch(s.batch),
+          channels((uint32_t)s.channels) {
         // size 0: librknnrt reads the model from the path itself
         check(api.init(&ctx, const_cast<char *>(path.c_str()), 0, 0, nullptr), "rknn_init");
         if (mask != "auto") check(api.set_core_mask(ctx, core_mask_of(mask)), "rknn_set_core_mask");
@@ -358,6 +366,9 @@ struct Model {
         if (in.n_dims == 4 && (int)in.dims[0] != batch)
             throw Error("the model takes batches of " + std::to_string(in.dims[0]) + ", the spec says batch " + std::to_string(batch) +
                         ": build the .rknn with rknn_batch_size = batch");
+        if (in.n_dims == 4 && (in.fmt == RKNN_TENSOR_NHWC ? in.dims[3] : in.dims[1]) != channels)
+            throw Error("the model takes " + std::to_string(in.fmt == RKNN_TENSOR_NHWC ? in.dims[3] : in.dims[1]) + "-channel input, the spec has " +
+                        "mean/std of " + std::to_string(channels) + ": write the spec with rkbench from this model (channels=1 for a gray one)");
         outs.resize(io.n_output);
         for (uint32_t k = 0; k < io.n_output; k++) {
             outs[k] = rknn_tensor_attr{};
@@ -375,7 +386,7 @@ struct Model {
     }
     Model(const Model &) = delete;
     Model &operator=(const Model &) = delete;
-    size_t input_bytes(int size) const { return (size_t)size * size * 3; }  // one image, uint8 NHWC
+    size_t input_bytes(int size) const { return (size_t)size * size * channels; }  // one image, uint8 NHWC
     uint32_t input_w() const { return in.n_dims == 4 ? (in.fmt == RKNN_TENSOR_NHWC ? in.dims[2] : in.dims[3]) : 0; }
 
     // RKNN_QUERY_MEM_SIZE: what the library allocated for this context (after the io memory, if any).
@@ -422,20 +433,20 @@ struct Model {
         if (in.n_dims != 4) throw Error("pass-through needs a 4-D input attr: set measure.cpp_pass_through=false");
         bool nhwc_fmt = in.fmt == RKNN_TENSOR_NHWC;
         uint32_t c = nhwc_fmt ? in.dims[3] : in.dims[1], h = nhwc_fmt ? in.dims[1] : in.dims[2], w = input_w();
-        if (c != 3 || (size_t)in.dims[0] * h * w * 3 != nhwc.size())
+        if (c != channels || (size_t)in.dims[0] * h * w * c != nhwc.size())
             throw Error("pass-through: the input attr's dims do not match the " + std::to_string(s.input_size) + " px uint8 images: rebuild the spec with the model");
         uint32_t stride = nhwc_fmt && in.w_stride > w ? in.w_stride : w;
         bool affine = in.qnt_type == RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC;
         float lo = in.type == RKNN_TENSOR_INT8 ? -128.f : 0.f, hi = in.type == RKNN_TENSOR_INT8 ? 127.f : 255.f;
-        std::vector<uint8_t> out((size_t)in.dims[0] * h * stride * 3, 0);
+        std::vector<uint8_t> out((size_t)in.dims[0] * h * stride * c, 0);
         for (size_t b = 0; b < in.dims[0]; b++)
             for (uint32_t y = 0; y < h; y++)
                 for (uint32_t x = 0; x < w; x++)
-                    for (uint32_t ch = 0; ch < 3; ch++) {
-                        float v = (float)nhwc[((b * h + y) * w + x) * 3 + ch];
+                    for (uint32_t ch = 0; ch < c; ch++) {
+                        float v = (float)nhwc[((b * h + y) * w + x) * c + ch];
                         if (affine) v = std::nearbyint(((v - s.mean[ch]) / s.std_[ch]) / in.scale) + (float)in.zp;
                         v = std::min(std::max(v, lo), hi);
-                        size_t at = nhwc_fmt ? ((b * h + y) * stride + x) * 3 + ch : ((b * 3 + ch) * h + y) * w + x;
+                        size_t at = nhwc_fmt ? ((b * h + y) * stride + x) * c + ch : ((b * c + ch) * h + y) * w + x;
                         out[at] = in.type == RKNN_TENSOR_INT8 ? (uint8_t)(int8_t)v : (uint8_t)v;
                     }
         return out;
@@ -446,8 +457,9 @@ struct Model {
             uint32_t w = input_w();
             uint32_t stride = in.w_stride > w ? in.w_stride : w;
             if (pass_through || w == 0 || stride == w) { std::memcpy(in_mem->virt_addr, bytes.data(), bytes.size()); return; }
-            for (size_t y = 0; y < bytes.size() / ((size_t)w * 3); y++)
-                std::memcpy((uint8_t *)in_mem->virt_addr + (size_t)y * stride * 3, bytes.data() + (size_t)y * w * 3, (size_t)w * 3);
+            size_t row = (size_t)w * channels;
+            for (size_t y = 0; y < bytes.size() / row; y++)
+                std::memcpy((uint8_t *)in_mem->virt_addr + (size_t)y * stride * channels, bytes.data() + y * row, row);
             return;
         }
         rknn_input x{};

@@ -282,9 +282,6 @@ def validate(run: RunConfig) -> None:
     _choice("runner", run.runner, RUNNERS)
     _choice("core_mask", run.core_mask, CORE_MASKS)
     _choice("channels", run.channels, (3, 1))
-    if run.channels == 1 and run.target == "board" and run.runner == "cpp":
-        raise UnsupportedCombination("channels=1 with runner=cpp: the C++ runner prepares 3-channel inputs (its "
-                                     "pass-through input is not built yet): use runner=python")
     _choice("model.family", run.model.family, FAMILIES)
     group = re.fullmatch(r"group(\d+)", run.quant_method)
     if run.quant_method not in ("layer", "channel") and not (group and int(group[1]) in QUANT_GROUPS):

@@ -108,9 +108,10 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
-def prepare_inputs(folder: Path, items: Iterable[Tuple[int, str]], input_size: int) -> Tuple[Path, list]:
-    """Letterbox each (image_id, path) like the Detector and write it as a raw uint8 NHWC tensor; returns
-    the inputs file (image_id, tensor path, original size, letterbox) and the tensors in order."""
+def prepare_inputs(folder: Path, items: Iterable[Tuple[int, str]], input_size: int, channels: int = 3) -> Tuple[Path, list]:
+    """Letterbox each (image_id, path) like the Detector and write it as a raw uint8 NHWC tensor (channels=1: gray
+    after the letterbox, as the Detector feeds a 1-channel model); returns the inputs file (image_id, tensor path,
+    original size, letterbox) and the tensors in order."""
     from rkbench.models import prepost
 
     folder = Path(folder)
@@ -119,6 +120,8 @@ def prepare_inputs(folder: Path, items: Iterable[Tuple[int, str]], input_size: i
     for image_id, path in items:
         img = prepost.load_rgb(path)
         boxed, info = prepost.letterbox(img, input_size)
+        if channels == 1:
+            boxed = prepost.to_gray(boxed)
         name = f"inputs/{image_id}.bin"
         (folder / name).write_bytes(boxed.tobytes())
         # repr() keeps every bit of the float: the runner maps back with exactly the Detector's letterbox
@@ -156,7 +159,7 @@ def pass_through_bytes(nhwc, mean: Sequence[float] = (0, 0, 0), std: Sequence[fl
 
 def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0), std=(255, 255, 255), batch: int = 1,
                  pass_through: bool = False) -> Path:
-    """Run the ONNX model with ONNX Runtime on each uint8 HxWx3 tensor and record its outputs for the
+    """Run the ONNX model with ONNX Runtime on each uint8 HxWxC tensor (C = len(mean): 3, or 1 for a gray model) and record its outputs for the
     stand-in, per batch of `batch` consecutive tensors (the last one repeated to fill, as the runner
     batches them), under the hash of the uint8 batch and, with `pass_through`, of its pass-through bytes;
     returns the replay description to pass as the runner's --model."""
@@ -182,9 +185,9 @@ def write_replay(folder: Path, onnx_path: Path, tensors: Sequence, mean=(0, 0, 0
         keys = [raw.tobytes()] + ([pass_through_bytes(raw, mean, std)] if pass_through else [])
         for key in keys:
             (folder / f"{fnv1a64(key):016x}.out").write_bytes(blob)
-    h, w = images[0].shape[:2]
+    h, w, c = images[0].shape
     shapes = [(batch, *o.shape[1:]) for o in per_image[0]]
-    return _describe(folder, h, w, shapes, batch, input_quantisation(mean, std))
+    return _describe(folder, h, w, shapes, batch, input_quantisation(mean, std), channels=c)
 
 
 def write_null_replay(folder: Path, input_size: int, output_shapes: Sequence[Sequence[int]]) -> Path:
@@ -194,9 +197,9 @@ def write_null_replay(folder: Path, input_size: int, output_shapes: Sequence[Seq
 
 
 def _describe(folder: Path, h: int, w: int, shapes: Sequence[Sequence[int]], batch: int = 1,
-              quantisation: Tuple[int, float] = (-128, 1 / 255), extra: Sequence[str] = ()) -> Path:
+              quantisation: Tuple[int, float] = (-128, 1 / 255), extra: Sequence[str] = (), channels: int = 3) -> Path:
     zp, scale = quantisation
-    lines = ["rkbench-replay 1", f"input images 4 {batch} {h} {w} 3 int8 nhwc {zp} {scale!r}"]
+    lines = ["rkbench-replay 1", f"input images 4 {batch} {h} {w} {channels} int8 nhwc {zp} {scale!r}"]
     for k, shape in enumerate(shapes):
         lines.append(f"output output{k} {len(shape)} {' '.join(map(str, shape))} float32 nchw 0 0")
     folder.mkdir(parents=True, exist_ok=True)

@@ -181,8 +181,10 @@ def deploy_cpp(transport: Transport, run: RunConfig, model: Path, spec: Inferenc
     except cpp.BuildError as exc:
         raise DeviceError(f"cannot build the C++ runner: {exc}") from exc
     listing = "".join(f"{rec.id}\t{rec.path}\n" for rec in dataset.images)
-    folder = work / "cpp" / hashlib.sha256(f"{spec.input_size}\n{listing}".encode()).hexdigest()[:16]
-    inputs, tensors = cpp.prepare_inputs(folder, [(rec.id, str(rec.path)) for rec in dataset.images], spec.input_size)
+    channels = len(spec.mean)   # 1: a gray model takes gray tensors (the Detector's to_gray after the letterbox)
+    folder = work / "cpp" / hashlib.sha256(f"{spec.input_size}\n{channels}\n{listing}".encode()).hexdigest()[:16]
+    inputs, tensors = cpp.prepare_inputs(folder, [(rec.id, str(rec.path)) for rec in dataset.images], spec.input_size,
+                                         channels)
 
     placing = _Placement(transport, run.board.remote_root)
     placing.place({"model": model, "runner": binary, "spec": write_local(work, "spec.json", spec_file(run, spec))})

@@ -220,23 +220,48 @@ def quantization(sel: Selection) -> list[str]:
         [False, False, True, False, False, False] + [True] * 7, notes)
 
 
+def _once_per_identity(runs: list[RunRecord]) -> list[RunRecord]:
+    """One run per measured configuration: the points a collapsed axis made equal share an identity (the first
+    is the measured run, the others REUSED links to it)."""
+    seen: dict[str, RunRecord] = {}
+    for r in runs:
+        seen.setdefault(r.tags.get("rkbench.identity") or r.run_id, r)
+    return list(seen.values())
+
+
 def input_channels(sel: Selection) -> list[str]:
+    """Per channel count (and resolution): the Python runner's pre next to the C++ runner's rknn_inputs_set with
+    pass-through off and on, one row per C++ run (off-board, where runner and pass-through collapse: one row)."""
     rows = []
-    for r in _sorted(sel.runs, ("channels", "resolution")):
-        where = place(r)
-        board = where in ("board", "emulator")
-        rows.append([r.param("channels"), r.param("resolution"), where, r.status,
-                     own_latency(r, "pre") if board else None, own_latency(r, "infer"),
-                     own_latency(r, "total") if board else None, r.metrics.get(EVAL_MAP), r.metrics.get(FLOAT_MAP)])
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for r in _sorted(_once_per_identity(sel.runs), ("channels", "resolution")):
+        groups.setdefault((r.param("channels"), r.param("resolution")), []).append(r)
+    for (channels, resolution), runs in groups.items():
+        on_board = [r for r in runs if place(r) in ("board", "emulator")]
+        py = next((r for r in runs if r.param("runner") != "cpp"), None)   # off-board runner=cpp collapsed to python
+        cpps = sorted((r for r in on_board if r.param("runner") == "cpp"), key=lambda r: r.param("measure.cpp_pass_through"))
+        for cpp in cpps or [None]:
+            first = py or cpp
+            where = place(first)
+            board = where in ("board", "emulator")
+            c = (lambda part: cpp.metrics.get(f"latency/{where}_cpp_{part}_ms_p50")) if cpp else (lambda part: None)
+            through = {"True": "on", "False": "off"}.get(cpp.param("measure.cpp_pass_through"), "-") if cpp else "-"
+            rows.append([channels, resolution, where, " / ".join(dict.fromkeys(r.status for r in (py, cpp) if r)),
+                         through, own_latency(py, "pre") if py and board else None, own_latency(py, "infer") if py else None,
+                         c("inputs_set"), c("run"), c("total"), first.metrics.get(EVAL_MAP), first.metrics.get(FLOAT_MAP)])
     return _section(
         "input", "Model input channels: 3 (RGB) vs 1 (gray: the first conv's weights summed over RGB, exact for gray "
-        "images; frames are letterboxed, then converted to gray). pre: letterbox (+ gray) per frame on the board; "
-        "infer: the engine call (on a board it includes rknn_inputs_set); simulator / host: one runtime.infer call, "
-        "not NPU latency. The gray model's mAP is the RGB model's on gray images.",
-        ["channels", "resolution", "where", "status", "pre p50 (ms)", "infer p50 (ms)", "total p50 (ms)", "mAP50-95",
-         "float mAP50-95"], rows, [True, True, False, False] + [True] * 5,
-        ("TODO pass-through: the C++ runner's pass-through input (measure.cpp_pass_through) is not in this tree yet; "
-         "its axis joins this table once it lands (channels=1 with runner=cpp is refused until then).",))
+        "images; frames are letterboxed, then converted to gray) x the C++ runner's pass-through input (on: quantised "
+        "to the input attr's int8 layout before the clock and handed over with rknn_input.pass_through=1). Board / "
+        "emulator: the Python runner's pre (letterbox + gray per frame) and infer (the engine call), next to the C++ "
+        "runner's rknn_inputs_set, rknn_run and total; simulator / host: one runtime.infer call, not NPU latency, "
+        "and runner / pass-through have no effect there (collapsed: one row per channel count). The gray model's "
+        "mAP is the RGB model's on gray images.",
+        ["channels", "resolution", "where", "status", "pass-through", "py pre p50 (ms)", "py infer p50 (ms)",
+         "C++ inputs_set p50 (ms)", "C++ run p50 (ms)", "C++ total p50 (ms)", "mAP50-95", "float mAP50-95"], rows,
+        [True, True, False, False, False] + [True] * 7,
+        ("On the emulated board the C++ runner's rknn_inputs_set is the replay stand-in's (a hash of the input "
+         "bytes), not librknnrt's conversion: only a board's numbers show what pass-through saves.",))
 
 
 SECTIONS: dict[str, Callable[[Selection], list[str]]] = {

@@ -5,9 +5,11 @@ studies share is converted once."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rkbench.__main__ import main
@@ -15,7 +17,7 @@ from rkbench.cli import compose_all
 from rkbench.config import ASSETS
 from rkbench.models import prepost
 from rkbench.report import build_report, studies
-from rkbench.report.runs import Selection, load_selection
+from rkbench.report.runs import RunRecord, Selection, load_selection
 
 pytestmark = pytest.mark.slow
 
@@ -166,9 +168,40 @@ def test_tiling_on_the_emulated_board(workdir, board_args):
 def test_input_gray_model_through_the_simulator(workdir):
     sel = run_study("input", workdir)
     header, rows = section(sel)
-    assert header[:4] == ["channels", "resolution", "where", "status"] and "infer p50 (ms)" in header
-    assert [r[0] for r in rows] == ["1", "3"] and {r[3] for r in rows} == {"FINISHED"}
-    assert all(float(r[header.index("infer p50 (ms)")]) > 0 for r in rows)
-    assert any(line.startswith("- TODO pass-through") for line in studies.section(sel))
+    assert header[:5] == ["channels", "resolution", "where", "status", "pass-through"] and "py infer p50 (ms)" in header
+    # runner and pass-through collapse off-board: 8 points, one row (one measured run) per channel count
+    assert len(sel.runs) == 8 and sum(r.status == "REUSED" for r in sel.runs) == 6
+    assert [r[0] for r in rows] == ["1", "3"] and {r[3] for r in rows} == {"FINISHED"} and {r[4] for r in rows} == {"-"}
+    assert all(float(r[header.index("py infer p50 (ms)")]) > 0 for r in rows)
+    assert not any("TODO" in line for line in studies.section(sel))
     gray = next(r for r in sel.runs if r.param("channels") == "1")
     assert "eval/map50_95" in gray.metrics and "eval_float/map50_95" in gray.metrics   # int8 and float, both gray
+
+
+def detections(workdir: Path, run: RunRecord, dst: Path) -> list[tuple]:
+    """A board run's eval detections (the artifact the host scored), in a fixed order."""
+    from mlflow.tracking import MlflowClient
+
+    path = MlflowClient(tracking_uri=uri(workdir)).download_artifacts(run.run_id, "detections/eval.detections.json", str(dst))
+    return sorted((d["image_id"], d["category_id"], d["score"], *d["bbox"]) for d in json.loads(Path(path).read_text()))
+
+
+def test_input_pass_through_on_the_emulated_board(workdir, board_args, tmp_path):
+    """RGB vs gray x pass-through: the Python runner's pre beside the C++ runner's inputs_set; the C++ runner's
+    detections of the gray model (replayed from the gray tensors it was given) are the Python runner's."""
+    sel = run_study("input", workdir, [*board_args, *BOARD_SMALL, "dataset.limit=2"])
+    header, rows = section(sel)
+    col = {h: i for i, h in enumerate(header)}
+    assert [(r[0], r[col["pass-through"]]) for r in rows] == [("1", "off"), ("1", "on"), ("3", "off"), ("3", "on")]
+    assert {r[col["where"]] for r in rows} == {"emulator"} and {r[col["status"]] for r in rows} == {"FINISHED"}
+    for r in rows:
+        assert float(r[col["py pre p50 (ms)"]]) > 0 and float(r[col["C++ inputs_set p50 (ms)"]]) > 0
+    for channels in ("1", "3"):
+        runs = [r for r in sel.runs if r.param("channels") == channels and r.status == "FINISHED"]
+        py = next(r for r in runs if r.param("runner") == "python")
+        theirs = np.array(detections(workdir, py, tmp_path / py.run_id))
+        for cpp in (r for r in runs if r.param("runner") == "cpp"):
+            assert cpp.metrics["eval/map50_95"] == pytest.approx(py.metrics["eval/map50_95"], abs=0.001), channels
+            mine = np.array(detections(workdir, cpp, tmp_path / cpp.run_id))
+            assert mine.shape == theirs.shape and len(theirs) > 0, channels
+            assert np.abs(mine - theirs).max() <= 1e-3, channels

@@ -425,6 +425,50 @@ def test_pass_through_replays_only_the_recorded_npu_bytes(x86, case, tmp_path: P
     assert result["eval"]["images"] == 4 and result["eval"]["detections"] > 0
 
 
+def _gray_model(onnx_path: Path, out: Path) -> Path:
+    """The 1-channel twin of the test model (its convs read per-channel average pools): weights summed over RGB."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    for w in model.graph.initializer:
+        a = numpy_helper.to_array(w)
+        if a.ndim == 4 and a.shape[1] == 3:
+            w.CopyFrom(numpy_helper.from_array(a.sum(axis=1, keepdims=True), w.name))
+    onnx.save(model, str(out))
+    return out
+
+
+def test_gray_model_detections_equal_the_python_detector(x86, case, tmp_path: Path) -> None:
+    """channels=1: the host letterboxes then grays (as the Detector does), the runner takes C from the spec's
+    mean/std and checks it against the input attr, on the normal, zero-copy and pass-through paths."""
+    runner, lib = x86
+    gray = _gray_model(case["model"], tmp_path / "gray.onnx")
+    spec = replace(_spec(), mean=(0.0,), std=(255.0,))
+    inputs, tensors = cpp.prepare_inputs(tmp_path / "g", case["items"], SIZE, channels=1)
+    assert tensors[0].shape == (SIZE, SIZE, 1) and Path(inputs).read_text().count("\n") == 4
+    runtime = OnnxRuntimeRuntime(str(gray), spec.mean, spec.std)
+    try:
+        theirs = Detector(spec, runtime).evaluate(case["items"])[0]
+    finally:
+        runtime.close()
+    replay = cpp.write_replay(tmp_path / "g", gray, tensors, spec.mean, spec.std, pass_through=True)
+    assert f"4 1 {SIZE} {SIZE} 1 int8 nhwc -128 " in replay.read_text()
+    for through, zero_copy in ((False, False), (False, True), (True, False), (True, True)):
+        done, result = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec, pass_through=through, zero_copy=zero_copy),
+                            "eval", replay, tmp_path / f"g_{through}_{zero_copy}.json", "--inputs", str(inputs))
+        assert done.returncode == 0, done.stderr
+        _assert_same_detections(json.loads(Path(result["eval"]["detections_file"]).read_text()), theirs)
+    # a 3-channel spec against the 1-channel model, and the 1-channel spec against RGB tensors: one line each
+    done, _ = _run(runner, lib, _write_spec(tmp_path / "rgb.json", _spec()), "eval", replay, tmp_path / "x.json",
+                   "--inputs", str(inputs))
+    assert done.returncode == 1 and "1-channel input, the spec has mean/std of 3" in done.stderr
+    done, _ = _run(runner, lib, _write_spec(tmp_path / "spec.json", spec), "eval", replay, tmp_path / "y.json",
+                   "--inputs", str(case["inputs"]))
+    assert done.returncode == 1 and "the model takes" in done.stderr.splitlines()[-1]
+
+
 def test_batch_eval_and_latency_per_frame(x86, case, tmp_path: Path) -> None:
     from rkbench.stages.board import mode_metrics
 

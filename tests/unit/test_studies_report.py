@@ -33,3 +33,24 @@ def test_no_section_for_a_sweep_that_is_not_a_study():
     r = run("x", {"resolution": "320"}, {})
     r.params["study"] = "default"
     assert studies.section(Selection("uri", "rkbench", None, [r], [])) == []
+
+
+def test_input_puts_the_python_pre_beside_the_cpp_inputs_set_per_pass_through():
+    def point(name: str, channels: str, runner: str, through: str, metrics: dict, ident: str, kind="emulator") -> RunRecord:
+        r = run(name, {"channels": channels, "resolution": "160", "runner": runner, "measure.cpp_pass_through": through},
+                metrics, kind)
+        r.tags["rkbench.identity"] = ident
+        r.params["study"] = "input"
+        return r
+
+    py = {"latency/emulator_py_pre_ms_p50": 3.0, "latency/emulator_py_infer_ms_p50": 5.0, "eval/map50_95": 0.4}
+    runs = [point("py1", "1", "python", "False", py, "a"),
+            point("py1-link", "1", "python", "False", py, "a"),     # pass-through collapsed for the Python runner
+            point("cpp1-on", "1", "cpp", "True", {"latency/emulator_cpp_inputs_set_ms_p50": 0.1,
+                                                  "latency/emulator_cpp_total_ms_p50": 2.0}, "b"),
+            point("cpp1-off", "1", "cpp", "False", {"latency/emulator_cpp_inputs_set_ms_p50": 0.3}, "c"),
+            point("sim3", "3", "python", "False", {"latency/simulator_infer_ms_p50": 9.0}, "d", kind="simulator")]
+    rows = table(studies.section(Selection("uri", "input", None, runs, ["channels", "runner", "measure.cpp_pass_through"])))
+    assert [(r[0], r[2], r[4], r[5], r[6], r[7], r[9]) for r in rows] == [
+        ("1", "emulator", "off", "3", "5", "0.3", "-"), ("1", "emulator", "on", "3", "5", "0.1", "2"),
+        ("3", "simulator", "-", "-", "9", "-", "-")]
