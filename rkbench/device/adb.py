@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
-from rkbench.device.transport import ShellResult, Transport, command_line, sync_fail_message, timeout_message
+from rkbench.device.transport import (EXIT_MARK, ShellResult, Transport, command_line, split_exit, sync_fail_message,
+                                      timeout_message)
 from rkbench.errors import DeviceError
 
 if TYPE_CHECKING:
     from adbutils import AdbConnection
 
 SYNC_DATA_MAX = 64 * 1024
-_EXIT_MARK = "RKBENCH_EXIT:"
 # The model the emulated board announces in its banner (ro.product.model=rkbench-emulator), as
 # `adb devices -l` shows it (adb turns '-' into '_'). A real board announces its own model.
 EMULATED_MODEL = "rkbench_emulator"
@@ -219,7 +219,7 @@ class AdbTransport(Transport):
         command = command_line(args)
         deadline = time.monotonic() + timeout
         try:
-            conn = self._device().open_shell(f"{command}; echo {_EXIT_MARK}$?")
+            conn = self._device().open_shell(f"{command}; echo {EXIT_MARK}$?")
         except Exception as exc:
             raise _map_adb_error(exc, "open shell", self.serial) from exc
         chunks = []
@@ -241,15 +241,7 @@ class AdbTransport(Transport):
         finally:
             conn.close()      # adbd then signals the shell only: BoardSession kills the runner's group
         output = b"".join(chunks).decode("utf-8", "replace")
-        mark = output.rfind(_EXIT_MARK)
-        if mark < 0:
-            raise DeviceError(f"`{command[:80]}` on {self.serial} ended without an exit status (connection lost?): "
-                              "check the link and the board's log (dmesg)")
-        try:
-            exit_code = int(output[mark + len(_EXIT_MARK):].strip())
-        except ValueError:
-            raise DeviceError(f"`{command[:80]}` on {self.serial}: unreadable exit status: check the board's shell") from None
-        return ShellResult(exit_code, output[:mark])
+        return split_exit(output, command, self.serial)
 
     @contextmanager
     def _sync(self, action: str) -> Iterator["AdbConnection"]:

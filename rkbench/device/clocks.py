@@ -13,15 +13,18 @@ from dataclasses import dataclass, field
 from rkbench.device.transport import Transport
 from rkbench.errors import DeviceError
 
-# Prints `node<TAB>governor file<TAB>previous governor` before writing each, then `pinned<TAB>node<TAB>governor
-# <TAB>frequency` as read back; exit 3 at the first governor it cannot write (those already written are
-# listed, so they can be restored).
+# Prints `node<TAB>governor file<TAB>previous governor` before writing each; exit 3 at the first governor it
+# cannot write (those already written are listed, so they can be restored). Then, a second later (a kernel
+# moves the clock when the governor changes, but not always before `cat` runs), `pinned<TAB>node<TAB>governor
+# <TAB>frequency` as read back.
 _PIN_SCRIPT = r"""
+written=""
 set_one() {  # $1 node name, $2 governor file, $3 frequency file
   [ -f "$2" ] || return 0
   printf 'node\t%s\t%s\t%s\n' "$1" "$2" "$(cat "$2")"
   if ! echo performance > "$2" 2>/dev/null; then printf 'denied\t%s\n' "$2"; exit 3; fi
-  printf 'pinned\t%s\t%s\t%s\n' "$1" "$(cat "$2")" "$(cat "$3" 2>/dev/null)"
+  written="$written$1|$2|$3
+"
 }
 npu=""
 for d in /sys/class/devfreq/*npu* /sys/class/devfreq/devfreq0; do
@@ -31,6 +34,10 @@ done
 set_one ddr /sys/class/devfreq/dmc/governor /sys/class/devfreq/dmc/cur_freq
 for p in /sys/devices/system/cpu/cpufreq/policy*; do
   set_one "${p##*/}" "$p/scaling_governor" "$p/scaling_cur_freq"
+done
+sleep 1
+printf '%s' "$written" | while IFS='|' read -r node gov freq; do
+  printf 'pinned\t%s\t%s\t%s\n' "$node" "$(cat "$gov")" "$(cat "$freq" 2>/dev/null)"
 done
 true
 """

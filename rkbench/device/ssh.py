@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
-from rkbench.device.transport import ShellResult, Transport, command_line, sync_fail_message, timeout_message
+from rkbench.device.transport import (EXIT_MARK, ShellResult, Transport, command_line, split_exit, sync_fail_message,
+                                      timeout_message)
 from rkbench.errors import DeviceError
 
 if TYPE_CHECKING:
@@ -42,11 +43,10 @@ log = logging.getLogger("rkbench.device")
 T = TypeVar("T")
 
 _PGID_MARK = "RKBENCH_PGID:"
-_EXIT_MARK = "RKBENCH_EXIT:"
 # $1 is the command line (already quoted), run by the login shell as sshd itself would; its process group
 # (field 5 of /proc/$$/stat) comes first. stderr joins stdout here: two ssh streams arrive in no fixed order.
 _WRAP = ('exec 2>&1; read -r _ _ _ _ g _ < /proc/$$/stat; echo "' + _PGID_MARK + '$g"; '
-         '"${SHELL:-sh}" -c "$1"; echo "' + _EXIT_MARK + '$?"')
+         '"${SHELL:-sh}" -c "$1"; echo "' + EXIT_MARK + '$?"')
 DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
 
 
@@ -252,23 +252,16 @@ class SshTransport(Transport):
         finally:
             channel.close()
         output = b"".join(chunks).decode("utf-8", "replace")
-        mark = output.rfind(_EXIT_MARK)
-        if mark < 0 and self._link_dropped():
+        if EXIT_MARK not in output and self._link_dropped():
             group = _pgid(output.encode())
             if group:
                 self.orphans.append(group)
             raise DeviceError(f"connection to {self.describe()} lost while running `{what[:80]}`: check the link; "
                               "the command is killed when the link is back", retryable=True)
-        if mark < 0:
-            raise DeviceError(f"`{what[:80]}` on {self.describe()} ended without an exit status: check the board's "
-                              "sh and its log (dmesg)")
-        try:
-            code = int(output[mark + len(_EXIT_MARK):].strip())
-        except ValueError:
-            raise DeviceError(f"`{what[:80]}` on {self.describe()}: unreadable exit status: check the board's sh") from None
-        start = output.find(_PGID_MARK)
-        start = output.find("\n", start) + 1 if start >= 0 else 0
-        return ShellResult(code, output[start:mark])
+        result = split_exit(output, what, self.describe())
+        start = result.output.find(_PGID_MARK)
+        start = result.output.find("\n", start) + 1 if start >= 0 else 0
+        return ShellResult(result.exit_code, result.output[start:])
 
     def _kill_group(self, group: Optional[int], why: str) -> None:
         """SIGKILL to a command's process group (never the sshd session itself: sshd set it apart with setsid)."""

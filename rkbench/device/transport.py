@@ -272,6 +272,22 @@ class LocalTransport(Transport):
         return f"local:{self.fs.root}"
 
 
+EXIT_MARK = "RKBENCH_EXIT:"   # adb and ssh append `echo RKBENCH_EXIT:$?` to every command: the exit status in-band
+
+
+def split_exit(output: str, what: str, where: str) -> ShellResult:
+    """The command's output and the exit status its EXIT_MARK line carries; no mark: the stream ended early."""
+    mark = output.rfind(EXIT_MARK)
+    if mark < 0:
+        raise DeviceError(f"`{what[:80]}` on {where} ended without an exit status (connection lost?): check the link "
+                          "and the board's log (dmesg)")
+    try:
+        code = int(output[mark + len(EXIT_MARK):].strip())
+    except ValueError:
+        raise DeviceError(f"`{what[:80]}` on {where}: unreadable exit status: check the board's sh") from None
+    return ShellResult(code, output[:mark])
+
+
 def timeout_message(command: str, timeout: float, where: str) -> str:
     short = command if len(command) < 120 else command[:117] + "..."
     return (f"`{short}` did not finish within {timeout:g}s on {where}: raise board.timeout_s, "
