@@ -284,21 +284,7 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         outcome.save(ctx.output_dir)
         return outcome
 
-    run_id = None
-    if tracker:
-        inputs = {f"rkbench.input.{k}": v[:16] for k, v in ident.inputs.items()}
-        run_id = tracker.start(name, {"rkbench.kind": "config", "rkbench.identity": ident.key, "rkbench.study": run_cfg.study,
-                                      "rkbench.git_sha": git_sha(), "rkbench.dataset": f"{dataset.name} ({len(dataset.images)} images)",
-                                      "rkbench.soc": run_cfg.platform, "rkbench.target": run_cfg.target,
-                                      "rkbench.collapsed": plan.tag(), "rkbench.sweep_dir": ctx.sweep_dir, **inputs,
-                                      **{f"versions.{k}": v for k, v in ident.versions.items()},
-                                      "versions.rkbench_measurement": str(spec.MEASUREMENT_VERSION)},
-                               parent=parent)
-        # search.* is how a search scores the run, not what it measured: not a param (else it reads as an axis)
-        tracker.log(run_id, params={k: v for k, v in flatten(run_cfg).items() if not k.startswith("search.")})
-        from omegaconf import OmegaConf
-        tracker.text(run_id, OmegaConf.to_yaml(OmegaConf.structured(run_cfg)), "config.yaml")
-        log.info("%s: MLflow run %s", name, run_id)
+    run_id: Optional[str] = None
 
     def attach(path: Path, subdir: str) -> None:
         if tracker and path.exists():
@@ -315,7 +301,21 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
         if tracker:
             tracker.model_file(run_id, kind, art.path, art.sha256)
 
-    try:
+    try:   # from the run's creation on: a Ctrl-C at any point (even while logging) marks it KILLED
+        if tracker:
+            inputs = {f"rkbench.input.{k}": v[:16] for k, v in ident.inputs.items()}
+            run_id = tracker.start(name, {"rkbench.kind": "config", "rkbench.identity": ident.key, "rkbench.study": run_cfg.study,
+                                          "rkbench.git_sha": git_sha(), "rkbench.dataset": f"{dataset.name} ({len(dataset.images)} images)",
+                                          "rkbench.soc": run_cfg.platform, "rkbench.target": run_cfg.target,
+                                          "rkbench.collapsed": plan.tag(), "rkbench.sweep_dir": ctx.sweep_dir, **inputs,
+                                          **{f"versions.{k}": v for k, v in ident.versions.items()},
+                                          "versions.rkbench_measurement": str(spec.MEASUREMENT_VERSION)},
+                                   parent=parent)
+            # search.* is how a search scores the run, not what it measured: not a param (else it reads as an axis)
+            tracker.log(run_id, params={k: v for k, v in flatten(run_cfg).items() if not k.startswith("search.")})
+            from omegaconf import OmegaConf
+            tracker.text(run_id, OmegaConf.to_yaml(OmegaConf.structured(run_cfg)), "config.yaml")
+            log.info("%s: MLflow run %s", name, run_id)
         metrics, tags = execute(plan, dataset, cache, attach, record, keep_model)
         outcome = Outcome("FINISHED", run_id, name, ident.key, metrics, collapsed=plan.tag())
         if tracker:
@@ -326,7 +326,7 @@ def run(run_cfg: RunConfig, ctx: RunContext, dataset: Optional[Dataset] = None) 
     except RkbenchError as err:
         log.error("run %s FAILED: %s", name, err)
         outcome = Outcome("FAILED", run_id, name, ident.key, error=str(err), collapsed=plan.tag())
-        if tracker:
+        if tracker and run_id:
             tracker.log(run_id, tags={"rkbench.status": "FAILED", "rkbench.error": getattr(err, "detail", str(err)),
                                       "rkbench.hint": getattr(err, "hint", ""),
                                       "rkbench.failed_stage": getattr(err, "stage", None) or "config"})
