@@ -6,6 +6,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -153,3 +155,30 @@ def test_command_line_entry_point_serves_a_board(tmp_path: Path, unused_port: in
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+
+def test_a_board_going_away_refuses_tcp_at_once(tmp_path: Path) -> None:
+    """A board that went away takes no connection from the moment its listener closes (the farm drains a board
+    by exactly this check), not only once stop() has joined its threads: close() alone left the kernel
+    accepting while the accept thread sat in accept()."""
+    board = EmulatedBoard(tmp_path / "root")
+    board.start()
+    socket.create_connection(("127.0.0.1", board.port), timeout=2).close()
+    time.sleep(0.1)                              # the accept thread is back in accept()
+    closing, release = threading.Event(), threading.Event()
+
+    def slow_teardown() -> None:                 # stop() is past the listener, tearing down the rest
+        closing.set()
+        release.wait(5)
+
+    board.drop_connections = slow_teardown       # type: ignore[method-assign]
+    stopper = threading.Thread(target=board.stop)
+    stopper.start()
+    try:
+        assert closing.wait(5)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", board.port), timeout=2).close()
+    finally:
+        release.set()
+        stopper.join()

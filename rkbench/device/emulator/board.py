@@ -78,6 +78,13 @@ class EmulatedBoard:
     def stop(self) -> None:
         listener, self._listener = self._listener, None
         if listener:
+            # close() alone leaves the kernel socket listening while the accept thread is blocked in accept():
+            # the board would still take TCP connections after it "went away". shutdown() wakes accept and
+            # stops the listening.
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         self.drop_connections()
         self._connections.clear()
